@@ -1,0 +1,348 @@
+"""Hugging Face safetensors <-> our parameter tree, streamed tensor by tensor.
+
+Loading never holds a checkpoint in host memory: for each parameter it reads one Hugging
+Face tensor at a time (one layer of a stacked parameter), converts it to our layout and
+copies only the blocks this process's devices own into per-shard buffers, which then go
+straight to their devices. Peak host memory is about one parameter's local shards plus
+one tensor, so a pod loads a 70B model without any host holding all of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jaxtune.errors import UserError
+from jaxtune.models.llama import Llama, LlamaConfig
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+# Buffers some old checkpoints carry that are recomputed, not learned.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+ParamPath = tuple[str, ...]
+ShardingFn = Callable[[ParamPath, tuple[int, ...]], jax.sharding.Sharding]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+    """How one of our parameters is stored by Hugging Face.
+
+    `hf_name` has a `{layer}` placeholder for stacked parameters; `to_ours` turns one HF
+    tensor into our per-layer layout and `to_hf` undoes it.
+    """
+
+    hf_name: str
+    to_ours: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+    @property
+    def stacked(self) -> bool:
+        return "{layer}" in self.hf_name
+
+
+def tensor_maps(c: LlamaConfig) -> dict[ParamPath, TensorMap]:
+    """Every parameter of `Llama(c)` and where Hugging Face keeps it."""
+    d, n, k, h = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    same = lambda x: x  # noqa: E731
+
+    def linear_in(heads):  # HF [heads*H, D] -> ours [D, heads, H]
+        return TensorMap("", lambda x: x.T.reshape(d, heads, h), lambda x: x.reshape(d, heads * h).T)
+
+    def bias_heads(heads):  # [heads*H] -> [heads, H]
+        return TensorMap("", lambda x: x.reshape(heads, h), lambda x: x.reshape(heads * h))
+
+    transpose = TensorMap("", lambda x: x.T, lambda x: x.T)
+    identity = TensorMap("", same, same)
+    o_proj = TensorMap("", lambda x: x.T.reshape(n, h, d), lambda x: x.reshape(n * h, d).T)
+
+    layer = "model.layers.{layer}."
+    table: dict[ParamPath, tuple[str, TensorMap]] = {
+        ("embed_tokens",): ("model.embed_tokens.weight", identity),
+        ("norm", "weight"): ("model.norm.weight", identity),
+        ("layers", "input_layernorm", "weight"): (layer + "input_layernorm.weight", identity),
+        ("layers", "post_attention_layernorm", "weight"): (layer + "post_attention_layernorm.weight", identity),
+        ("layers", "self_attn", "q_proj", "kernel"): (layer + "self_attn.q_proj.weight", linear_in(n)),
+        ("layers", "self_attn", "k_proj", "kernel"): (layer + "self_attn.k_proj.weight", linear_in(k)),
+        ("layers", "self_attn", "v_proj", "kernel"): (layer + "self_attn.v_proj.weight", linear_in(k)),
+        ("layers", "self_attn", "o_proj", "kernel"): (layer + "self_attn.o_proj.weight", o_proj),
+        ("layers", "mlp", "gate_proj", "kernel"): (layer + "mlp.gate_proj.weight", transpose),
+        ("layers", "mlp", "up_proj", "kernel"): (layer + "mlp.up_proj.weight", transpose),
+        ("layers", "mlp", "down_proj", "kernel"): (layer + "mlp.down_proj.weight", transpose),
+    }
+    if c.attention_bias:
+        table[("layers", "self_attn", "q_proj", "bias")] = (layer + "self_attn.q_proj.bias", bias_heads(n))
+        table[("layers", "self_attn", "k_proj", "bias")] = (layer + "self_attn.k_proj.bias", bias_heads(k))
+        table[("layers", "self_attn", "v_proj", "bias")] = (layer + "self_attn.v_proj.bias", bias_heads(k))
+        table[("layers", "self_attn", "o_proj", "bias")] = (layer + "self_attn.o_proj.bias", identity)
+    if c.mlp_bias:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            table[("layers", "mlp", name, "bias")] = (layer + f"mlp.{name}.bias", identity)
+    if not c.tie_word_embeddings:
+        table[("lm_head", "kernel")] = ("lm_head.weight", transpose)
+    return {path: dataclasses.replace(m, hf_name=name) for path, (name, m) in table.items()}
+
+
+# ---- Reading -------------------------------------------------------------------------------
+class SafetensorsReader:
+    """Lazy access to the tensors of a (possibly sharded) safetensors checkpoint."""
+
+    def __init__(self, path: str | os.PathLike, allow_pickle: bool = False):
+        self.path = str(path)
+        index = os.path.join(self.path, SAFETENSORS_INDEX)
+        single = os.path.join(self.path, SAFETENSORS_FILE)
+        if os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise UserError(f"{index}: no 'weight_map' object in the index file.")
+            self.file_of = {name: os.path.join(self.path, file) for name, file in weight_map.items()}
+            for file in set(self.file_of.values()):
+                if not os.path.isfile(file):
+                    raise UserError(f"{index} lists {os.path.basename(file)}, which does not exist.")
+        elif os.path.isfile(single):
+            with safe_open(single, framework="numpy") as f:
+                self.file_of = {name: single for name in f.keys()}
+        elif any(os.path.exists(os.path.join(self.path, p)) for p in PICKLE_FILES):
+            if not allow_pickle:
+                raise UserError(
+                    f"{self.path} holds only PyTorch pickle weights (pytorch_model.bin), which can run "
+                    "code when loaded; convert them to safetensors or pass allow_pickle=True."
+                )
+            self.file_of = {}
+            self._pickled = _load_pickle_weights(self.path)
+        else:
+            raise UserError(f"{self.path}: no model.safetensors or {SAFETENSORS_INDEX} found.")
+        self._handles: dict[str, Any] = {}
+
+    def names(self) -> set[str]:
+        if self.file_of:
+            return set(self.file_of)
+        return set(self._pickled)
+
+    def get(self, name: str) -> np.ndarray:
+        if not self.file_of:
+            return self._pickled[name]
+        file = self.file_of[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="numpy")
+        return self._handles[file].get_tensor(name)
+
+    def close(self):
+        self._handles.clear()
+
+
+def _load_pickle_weights(path: str) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise UserError("loading pytorch_model.bin needs torch installed.") from None
+    files = [os.path.join(path, "pytorch_model.bin")]
+    index = os.path.join(path, "pytorch_model.bin.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
+    out = {}
+    for file in files:
+        for name, t in torch.load(file, map_location="cpu", weights_only=True).items():
+            out[name] = t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+    return out
+
+
+def _param_leaves(abstract_state) -> Iterator[tuple[ParamPath, jax.ShapeDtypeStruct]]:
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(nnx.as_pure(abstract_state))[0]:
+        yield tuple(str(k.key) for k in key_path), leaf
+
+
+def _assemble(
+    reader: SafetensorsReader, tmap: TensorMap, shape, dtype, sharding: jax.sharding.Sharding, layers: int
+) -> jax.Array:
+    """Builds one sharded parameter from HF tensors, touching each HF tensor once."""
+    index_map = sharding.addressable_devices_indices_map(shape)
+    # Devices holding the same block share one host buffer.
+    blocks: dict[tuple, np.ndarray] = {}
+    block_of_device = {}
+    for device, index in index_map.items():
+        key = tuple((s.start, s.stop) for s in index)
+        if key not in blocks:
+            blocks[key] = np.empty(tuple(len(range(*s.indices(n))) for s, n in zip(index, shape)), dtype)
+        block_of_device[device] = key
+
+    def fill(layer_slice, tensor):
+        for key, buf in blocks.items():
+            slices = [slice(a, b) for a, b in key]
+            if layer_slice is not None:
+                lo = slices[0].start or 0
+                hi = slices[0].stop if slices[0].stop is not None else shape[0]
+                if not lo <= layer_slice < hi:
+                    continue
+                buf[layer_slice - lo] = tensor[tuple(slices[1:])]
+            else:
+                buf[...] = tensor[tuple(slices)]
+
+    def read(name, expect):
+        raw = reader.get(name)
+        expect_hf = tmap.to_hf(np.empty(expect, np.int8)).shape
+        if raw.shape != expect_hf:
+            raise UserError(
+                f"{reader.path}: tensor {name} has shape {raw.shape} but config.json implies {expect_hf}."
+            )
+        return tmap.to_ours(raw).astype(dtype)
+
+    if tmap.stacked:
+        for layer in range(layers):
+            fill(layer, read(tmap.hf_name.format(layer=layer), tuple(shape[1:])))
+    else:
+        fill(None, read(tmap.hf_name, tuple(shape)))
+    arrays = [jax.device_put(blocks[block_of_device[d]], d) for d in index_map]
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def load_params(
+    path: str | os.PathLike,
+    abstract_state,
+    config: LlamaConfig,
+    sharding_fn: ShardingFn | None = None,
+    allow_pickle: bool = False,
+):
+    """Loads Hugging Face weights into a pure state shaped like `abstract_state`."""
+    reader = SafetensorsReader(path, allow_pickle=allow_pickle)
+    maps = tensor_maps(config)
+    available = reader.names()
+    used: set[str] = set()
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    leaves = {}
+    try:
+        for param_path, leaf in _param_leaves(abstract_state):
+            tmap = maps.get(param_path)
+            if tmap is None:
+                raise RuntimeError(f"no Hugging Face name for parameter {'/'.join(param_path)}")
+            names = (
+                [tmap.hf_name.format(layer=i) for i in range(config.num_hidden_layers)]
+                if tmap.stacked else [tmap.hf_name]
+            )
+            missing = [n for n in names if n not in available]
+            if missing:
+                raise UserError(f"{reader.path}: the checkpoint has no tensor {missing[0]}.")
+            used.update(names)
+            sharding = sharding_fn(param_path, leaf.shape) if sharding_fn else default
+            leaves[param_path] = _assemble(
+                reader, tmap, leaf.shape, leaf.dtype, sharding, config.num_hidden_layers
+            )
+    finally:
+        reader.close()
+    unexpected = sorted(n for n in available - used if not n.endswith(_IGNORED_SUFFIXES))
+    if unexpected:
+        raise UserError(
+            f"{reader.path}: the checkpoint has tensors this Llama does not use, e.g. {unexpected[0]} "
+            f"({len(unexpected)} in all); is config.json right for these weights?"
+        )
+    return _rebuild(abstract_state, leaves)
+
+
+def _rebuild(abstract_state, leaves: dict[ParamPath, jax.Array]):
+    pure = nnx.as_pure(abstract_state)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(pure)
+    values = [leaves[tuple(str(k.key) for k in kp)] for kp, _ in flat]
+    return jax.tree_util.tree_unflatten(treedef, values)
+
+
+# ---- Writing -------------------------------------------------------------------------------
+def iter_hf_tensors(params, config: LlamaConfig, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (HF name, tensor) one at a time from a pure parameter state (gathered per tensor)."""
+    maps = tensor_maps(config)
+    for param_path, leaf in _param_leaves(params):
+        tmap = maps[param_path]
+        full = np.asarray(jax.device_get(leaf))
+        if dtype is not None:
+            full = full.astype(dtype)
+        if tmap.stacked:
+            for layer in range(full.shape[0]):
+                yield tmap.hf_name.format(layer=layer), np.ascontiguousarray(tmap.to_hf(full[layer]))
+        else:
+            yield tmap.hf_name, np.ascontiguousarray(tmap.to_hf(full))
+
+
+def save_pretrained(
+    params, config: LlamaConfig, out_dir: str | os.PathLike, dtype: str = "float32",
+    max_shard_bytes: int = 5 * 2**30,
+) -> None:
+    """Writes `config.json` and safetensors (sharded with an index past `max_shard_bytes`)."""
+    os.makedirs(out_dir, exist_ok=True)
+    np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, tensor in iter_hf_tensors(params, config, np_dtype):
+        if size and size + tensor.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += tensor.nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(out_dir, SAFETENSORS_FILE), metadata=metadata)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(out_dir, file), metadata=metadata)
+            weight_map.update({name: file for name in shard})
+        total = sum(t.nbytes for s in shards for t in s.values())
+        with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    hf_config = dict(config.to_hf_dict(), dtype=dtype)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+
+
+# ---- The public entry point ------------------------------------------------------------------
+def abstract_model(config: LlamaConfig, *, param_dtype="float32", compute_dtype=None, remat="none"):
+    """(graphdef, abstract state) of a Llama without allocating any weights."""
+    model = nnx.eval_shape(
+        lambda: Llama(config, param_dtype=param_dtype, compute_dtype=compute_dtype, remat=remat, rngs=nnx.Rngs(0))
+    )
+    return nnx.split(model)
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    compute_dtype: str | None = None,
+    remat: str = "none",
+    sharding_fn: ShardingFn | None = None,
+    allow_pickle: bool = False,
+) -> Llama:
+    """Loads a local Hugging Face Llama directory as a `Llama`.
+
+    `dtype` is the parameter dtype (float32 master weights by default), `compute_dtype`
+    the matmul input dtype (defaults to `dtype`). `sharding_fn(path, shape)` places each
+    parameter straight into its sharding (see `jaxtune.sharding.param_sharding_fn`).
+    Pickle weights (`pytorch_model.bin`) are refused unless `allow_pickle=True`.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: model directory does not exist (jaxtune never downloads from a hub).")
+    config = LlamaConfig.from_pretrained(path)
+    _check_dtype(dtype, "dtype")
+    if compute_dtype is not None:
+        _check_dtype(compute_dtype, "compute_dtype")
+    graphdef, abstract = abstract_model(config, param_dtype=dtype, compute_dtype=compute_dtype, remat=remat)
+    params = load_params(path, abstract, config, sharding_fn=sharding_fn, allow_pickle=allow_pickle)
+    return nnx.merge(graphdef, params)
+
+
+def _check_dtype(name: str, what: str):
+    if name not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"{what} must be float32, bfloat16 or float16, got {name!r}.")

@@ -1,0 +1,449 @@
+"""Llama in Flax NNX, numerically matching `transformers`' PyTorch `LlamaForCausalLM`.
+
+Layout decisions (see DESIGN.md):
+- Decoder layers are created with `nnx.vmap`, so every layer parameter has a leading
+  `[L]` axis, and run with one `jax.lax.scan`: compile time does not grow with depth.
+- Projections run on flattened tokens `[M = B*T, D]`; XLA:CPU is much slower when batch
+  and time are both contracted in the backward pass.
+- Attention kernels keep the heads axis (`[D, N, H]`) so tensor parallelism splits heads.
+- Parameters live in `param_dtype`; matmul inputs are cast to `compute_dtype` and
+  accumulate in float32; norms, softmax, RoPE and the residual stream stay in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxtune.errors import UserError
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_ROPE_KEYS = {
+    "rope_type", "type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings", "partial_rotary_factor",
+}
+
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: every activation is kept for the backward pass
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling (`rope_type` "linear" or "llama3", as in transformers)."""
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """The architecture, with the meaning of the Hugging Face `config.json` fields."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 1
+    eos_token_id: tuple[int, ...] = (2,)
+    pad_token_id: int | None = None
+    dtype: str | None = None  # the checkpoint's storage dtype, informational
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise UserError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})."
+            )
+        if self.head_dim % 2:
+            raise UserError(f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
+
+    @property
+    def num_params(self) -> int:
+        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        n, k, h = self.num_attention_heads, self.num_key_value_heads, self.head_dim
+        attn = d * n * h * 2 + d * k * h * 2
+        if self.attention_bias:
+            attn += n * h + 2 * k * h + d
+        mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)
+        per_layer = attn + mlp + 2 * d
+        head = 0 if self.tie_word_embeddings else d * v
+        return v * d + self.num_hidden_layers * per_layer + d + head
+
+    # ---- Hugging Face config.json -------------------------------------------------------
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "LlamaConfig":
+        """Reads both the transformers 4.x and 5.x spellings; refuses what we don't compute."""
+
+        def refuse(field, value, why):
+            raise UserError(f"{source}: unsupported {field}={value!r}: {why}.")
+
+        model_type = d.get("model_type", "llama")
+        if model_type != "llama":
+            refuse("model_type", model_type, "jaxtune supports Llama-family models ('llama') only")
+        archs = d.get("architectures") or ["LlamaForCausalLM"]
+        if "LlamaForCausalLM" not in archs:
+            refuse("architectures", archs, "only LlamaForCausalLM checkpoints can be loaded")
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            refuse("hidden_act", act, "Llama uses 'silu' and no other activation is implemented")
+        if d.get("quantization_config"):
+            refuse("quantization_config", "...", "quantized checkpoints cannot be fine-tuned in full")
+        if float(d.get("attention_dropout", 0.0) or 0.0) != 0.0:
+            refuse("attention_dropout", d["attention_dropout"], "attention dropout is not implemented")
+        if float(d.get("partial_rotary_factor", 1.0) or 1.0) != 1.0:
+            refuse("partial_rotary_factor", d["partial_rotary_factor"], "Llama rotates the whole head")
+
+        rope_theta, scaling = _read_rope(d, refuse)
+        heads = int(d["num_attention_heads"])
+        kv_heads = d.get("num_key_value_heads") or heads
+        head_dim = d.get("head_dim") or int(d["hidden_size"]) // heads
+        eos = d.get("eos_token_id", 2)
+        eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        try:
+            return cls(
+                vocab_size=int(d["vocab_size"]),
+                hidden_size=int(d["hidden_size"]),
+                intermediate_size=int(d["intermediate_size"]),
+                num_hidden_layers=int(d["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(kv_heads),
+                head_dim=int(head_dim),
+                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+                rope_theta=rope_theta,
+                rope_scaling=scaling,
+                max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                attention_bias=bool(d.get("attention_bias", False)),
+                mlp_bias=bool(d.get("mlp_bias", False)),
+                initializer_range=float(d.get("initializer_range", 0.02)),
+                bos_token_id=d.get("bos_token_id"),
+                eos_token_id=eos,
+                pad_token_id=d.get("pad_token_id"),
+                dtype=d.get("dtype") or d.get("torch_dtype"),
+            )
+        except KeyError as e:
+            raise UserError(f"{source}: missing required field {e.args[0]!r}.") from None
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "LlamaConfig":
+        file = os.path.join(path, "config.json")
+        if not os.path.isfile(file):
+            raise UserError(f"{path}: no config.json found; expected a Hugging Face model directory.")
+        with open(file) as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{file}: not valid JSON ({e}).") from None
+        return cls.from_hf_dict(d, source=file)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """config.json in the transformers 5.x spelling, plus the 4.x rope keys for older readers."""
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        legacy_scaling = None
+        if self.rope_scaling is not None:
+            s = {k: v for k, v in dataclasses.asdict(self.rope_scaling).items() if v is not None}
+            rope.update(s)
+            legacy_scaling = dict(s)
+        eos = self.eos_token_id[0] if len(self.eos_token_id) == 1 else list(self.eos_token_id)
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": rope,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": legacy_scaling,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "attention_dropout": 0.0,
+            "mlp_bias": self.mlp_bias,
+            "initializer_range": self.initializer_range,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "pad_token_id": self.pad_token_id,
+            "dtype": self.dtype or "float32",
+        }
+
+
+def _read_rope(d: dict[str, Any], refuse) -> tuple[float, RopeScaling | None]:
+    params = d.get("rope_parameters")  # transformers 5.x
+    field = "rope_parameters"
+    if not params:
+        params = dict(d.get("rope_scaling") or {})  # transformers 4.x
+        field = "rope_scaling"
+    else:
+        params = dict(params)
+    if not isinstance(params, dict):
+        refuse(field, params, "expected an object")
+    for key in params:
+        if key not in _ROPE_KEYS:
+            refuse(f"{field}.{key}", params[key], "this RoPE parameter is not implemented")
+    if float(params.get("partial_rotary_factor", 1.0) or 1.0) != 1.0:
+        refuse(f"{field}.partial_rotary_factor", params["partial_rotary_factor"], "Llama rotates the whole head")
+    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        refuse(f"{field}.rope_type", rope_type, f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    if rope_type == "default":
+        return float(theta), None
+    if "factor" not in params:
+        refuse(f"{field}.factor", None, f"rope_type {rope_type!r} needs a factor")
+    if rope_type == "linear":
+        return float(theta), RopeScaling("linear", float(params["factor"]))
+    for key in ("low_freq_factor", "high_freq_factor"):
+        if key not in params:
+            refuse(f"{field}.{key}", None, "rope_type 'llama3' needs it")
+    original = params.get("original_max_position_embeddings") or d.get("max_position_embeddings")
+    return float(theta), RopeScaling(
+        "llama3",
+        float(params["factor"]),
+        float(params["low_freq_factor"]),
+        float(params["high_freq_factor"]),
+        int(original),
+    )
+
+
+# ---- RoPE ----------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=32)
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies `[head_dim/2]` in float32, computed as transformers computes them."""
+    dim = config.head_dim
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (np.float32(1.0) / (np.float32(config.rope_theta) ** exponent)).astype(np.float32)
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    if s.rope_type == "linear":
+        return (inv_freq / np.float32(s.factor)).astype(np.float32)
+    # llama3: keep high frequencies, divide low ones by `factor`, interpolate in between.
+    old_len = s.original_max_position_embeddings
+    low_wavelen = old_len / s.low_freq_factor
+    high_wavelen = old_len / s.high_freq_factor
+    wavelen = np.float32(2 * math.pi) / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / np.float32(s.factor), inv_freq)
+    smooth = (old_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / np.float32(s.factor) + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(config: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin `[B, T, head_dim]` in the `rotate_half` layout of transformers."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(config))
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [B, T, heads, H]; cos/sin: [B, T, H]. Computed in float32."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+# ---- Modules --------------------------------------------------------------------------------
+def _dot(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+    """Einsum with inputs in `dtype` and float32 accumulation (fast bf16 on CPU, exact fp32)."""
+    return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+class Projection(nnx.Module):
+    """A linear map whose einsum names the axes, with an optional bias."""
+
+    def __init__(self, spec: str, kernel_shape, bias_shape=None, *, std, param_dtype, rngs):
+        self.spec = spec
+        init = jax.nn.initializers.normal(std)
+        self.kernel = nnx.Param(init(rngs.params(), kernel_shape, param_dtype))
+        self.bias = nnx.Param(jnp.zeros(bias_shape, param_dtype)) if bias_shape else None
+
+    def __call__(self, x: jax.Array, compute_dtype) -> jax.Array:
+        y = _dot(self.spec, x, self.kernel[...], compute_dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y  # float32
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, param_dtype):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(jnp.float32) * x
+
+
+class Attention(nnx.Module):
+    def __init__(self, c: LlamaConfig, *, param_dtype, compute_dtype, rngs):
+        d, n, k, h = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        std, b = c.initializer_range, c.attention_bias
+        kw = dict(std=std, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Projection("md,dnh->mnh", (d, n, h), (n, h) if b else None, **kw)
+        self.k_proj = Projection("md,dkh->mkh", (d, k, h), (k, h) if b else None, **kw)
+        self.v_proj = Projection("md,dkh->mkh", (d, k, h), (k, h) if b else None, **kw)
+        self.o_proj = Projection("mnh,nhd->md", (n, h, d), (d,) if b else None, **kw)
+        self.num_kv_heads, self.head_dim = k, h
+        self.compute_dtype = compute_dtype
+
+    def __call__(self, x, cos, sin, mask):
+        """x: [M, D] float32; mask: [B, 1, 1, T, S] bool. Returns [M, D] float32."""
+        b, t = cos.shape[:2]
+        dt, k, h = self.compute_dtype, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x, dt).reshape(b, t, -1, h)
+        key = self.k_proj(x, dt).reshape(b, t, k, h)
+        value = self.v_proj(x, dt).reshape(b, t, k, h)
+        q = apply_rope(q, cos, sin) * (h**-0.5)
+        key = apply_rope(key, cos, sin)
+        q = q.reshape(b, t, k, -1, h)  # GQA: query heads grouped under their kv head
+        scores = _dot("btkgh,bskh->bkgts", q, key, dt)
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        out = _dot("bkgts,bskh->btkgh", probs, value, dt)
+        return self.o_proj(out.reshape(b * t, -1, h), dt)
+
+
+class MLP(nnx.Module):
+    def __init__(self, c: LlamaConfig, *, param_dtype, compute_dtype, rngs):
+        d, f, b = c.hidden_size, c.intermediate_size, c.mlp_bias
+        kw = dict(std=c.initializer_range, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Projection("md,df->mf", (d, f), (f,) if b else None, **kw)
+        self.up_proj = Projection("md,df->mf", (d, f), (f,) if b else None, **kw)
+        self.down_proj = Projection("mf,fd->md", (f, d), (d,) if b else None, **kw)
+        self.compute_dtype = compute_dtype
+
+    def __call__(self, x):
+        dt = self.compute_dtype
+        hidden = jax.nn.silu(self.gate_proj(x, dt)) * self.up_proj(x, dt)
+        return self.down_proj(hidden, dt)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, c: LlamaConfig, *, param_dtype, compute_dtype, rngs):
+        kw = dict(param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype=param_dtype)
+        self.self_attn = Attention(c, **kw)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = MLP(c, **kw)
+
+    def __call__(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nnx.Module):
+    """`LlamaForCausalLM`: `model(input_ids)` returns float32 logits `[B, T, vocab]`.
+
+    `positions` (default `arange(T)`) drive RoPE and `segment_ids` (default all ones)
+    restrict attention to tokens of the same segment, so packed samples run as if alone.
+    """
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        *,
+        param_dtype=jnp.float32,
+        compute_dtype=None,
+        remat: str = "none",
+        rngs: nnx.Rngs,
+    ):
+        if remat not in REMAT_POLICIES:
+            raise UserError(f"unknown remat policy {remat!r}; choose one of {', '.join(REMAT_POLICIES)}.")
+        param_dtype = jnp.dtype(param_dtype)
+        compute_dtype = jnp.dtype(compute_dtype or param_dtype)
+        self.config = config
+        self.remat = remat
+        self.compute_dtype = compute_dtype
+        c = config
+        self.embed_tokens = nnx.Param(
+            jax.nn.initializers.normal(c.initializer_range)(
+                rngs.params(), (c.vocab_size, c.hidden_size), param_dtype
+            )
+        )
+
+        @nnx.split_rngs(splits=c.num_hidden_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
+        def make_layers(rngs):
+            return DecoderLayer(c, param_dtype=param_dtype, compute_dtype=compute_dtype, rngs=rngs)
+
+        self.layers = make_layers(rngs)
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype=param_dtype)
+        if not c.tie_word_embeddings:
+            self.lm_head = Projection(
+                "md,dv->mv", (c.hidden_size, c.vocab_size), std=c.initializer_range,
+                param_dtype=param_dtype, rngs=rngs,
+            )
+        else:
+            self.lm_head = None
+
+    def lm_head_kernel(self) -> jax.Array:
+        """The output projection `[D, vocab]` (the transposed embedding when tied)."""
+        if self.lm_head is None:
+            return self.embed_tokens[...].T
+        return self.lm_head.kernel[...]
+
+    def hidden_states(self, input_ids, positions=None, segment_ids=None) -> jax.Array:
+        """Final-normalised hidden states `[B, T, D]` in float32 (the lm head's input)."""
+        b, t = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        cos, sin = rope_cos_sin(self.config, positions)
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+        mask = (causal[None] & same_segment)[:, None, None]  # [B, 1, 1, T, S]
+
+        x = jnp.take(self.embed_tokens[...], input_ids.reshape(-1), axis=0).astype(jnp.float32)
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def body(carry, state):
+            return nnx.merge(graphdef, state)(carry, cos, sin, mask), None
+
+        policy = REMAT_POLICIES[self.remat]
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, layer_state)
+        return self.norm(x).reshape(b, t, -1)
+
+    def __call__(self, input_ids, positions=None, segment_ids=None) -> jax.Array:
+        h = self.hidden_states(input_ids, positions, segment_ids)
+        b, t, d = h.shape
+        logits = _dot("md,dv->mv", h.reshape(b * t, d), self.lm_head_kernel(), self.compute_dtype)
+        return logits.reshape(b, t, -1)

@@ -1,0 +1,132 @@
+"""The device mesh and the partition rules that place every parameter on it.
+
+Mesh axes: `data` (pure data parallel: parameters replicated), `fsdp` (data parallel
+with parameters and optimizer state sharded), `tensor` (heads and the MLP hidden
+dimension split across devices). Batches are split over `data` x `fsdp`.
+
+Every parameter path must match exactly one rule; an unmatched parameter is an error,
+never silently replicated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from jaxtune.errors import UserError
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# (regex over "a/b/c" parameter paths, spec). Stacked layer parameters lead with [L].
+PARTITION_RULES: tuple[tuple[str, P], ...] = (
+    (r"embed_tokens", P("tensor", "fsdp")),  # [V, D]
+    (r"lm_head/kernel", P("fsdp", "tensor")),  # [D, V]
+    (r"norm/weight", P(None)),  # [D]
+    (r"layers/(input|post_attention)_layernorm/weight", P(None, None)),  # [L, D]
+    (r"layers/self_attn/[qkv]_proj/kernel", P(None, "fsdp", "tensor", None)),  # [L, D, heads, H]
+    (r"layers/self_attn/[qkv]_proj/bias", P(None, "tensor", None)),  # [L, heads, H]
+    (r"layers/self_attn/o_proj/kernel", P(None, "tensor", None, "fsdp")),  # [L, N, H, D]
+    (r"layers/self_attn/o_proj/bias", P(None, None)),  # [L, D]
+    (r"layers/mlp/(gate|up)_proj/kernel", P(None, "fsdp", "tensor")),  # [L, D, F]
+    (r"layers/mlp/(gate|up)_proj/bias", P(None, "tensor")),  # [L, F]
+    (r"layers/mlp/down_proj/kernel", P(None, "tensor", "fsdp")),  # [L, F, D]
+    (r"layers/mlp/down_proj/bias", P(None, None)),  # [L, D]
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshShape:
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def resolve(self, num_devices: int) -> tuple[int, int, int]:
+        """Fills the one -1 axis with the devices left; checks the product."""
+        sizes = [self.data, self.fsdp, self.tensor]
+        for name, s in zip(AXES, sizes):
+            if s == 0 or s < -1:
+                raise UserError(f"mesh.{name} must be a positive size or -1, got {s}.")
+        if sizes.count(-1) > 1:
+            raise UserError("only one of mesh.data, mesh.fsdp, mesh.tensor may be -1.")
+        known = int(np.prod([s for s in sizes if s != -1]))
+        if -1 in sizes:
+            if num_devices % known:
+                raise UserError(
+                    f"the mesh axes given ({known} devices) do not divide the {num_devices} devices available."
+                )
+            sizes[sizes.index(-1)] = num_devices // known
+        if int(np.prod(sizes)) != num_devices:
+            raise UserError(
+                f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "
+                f"{int(np.prod(sizes))} devices, but {num_devices} are available."
+            )
+        return tuple(sizes)
+
+
+def make_mesh(shape: MeshShape, devices=None) -> Mesh:
+    devices = devices if devices is not None else jax.devices()
+    sizes = shape.resolve(len(devices))
+    return jax.make_mesh(sizes, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def path_str(path) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def param_spec(path) -> P:
+    name = path_str(path)
+    matches = [spec for pattern, spec in PARTITION_RULES if re.fullmatch(pattern, name)]
+    if len(matches) != 1:
+        raise RuntimeError(
+            f"parameter {name} matches {len(matches)} partition rules; every parameter needs exactly one"
+        )
+    return matches[0]
+
+
+def check_divisible(path, shape, spec: P, mesh: Mesh) -> None:
+    if len(spec) != len(shape):
+        raise RuntimeError(f"partition rule for {path_str(path)} has rank {len(spec)}, parameter has {len(shape)}")
+    for dim, axis in zip(shape, spec):
+        axes = (axis,) if isinstance(axis, str) else (axis or ())
+        size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        if dim % size:
+            raise UserError(
+                f"parameter {path_str(path)} of shape {tuple(shape)} cannot be split {size} ways over "
+                f"mesh axis {'x'.join(axes)}; choose mesh sizes that divide it."
+            )
+
+
+def param_sharding_fn(mesh: Mesh):
+    """A `sharding_fn(path, shape)` for `jaxtune.from_pretrained`."""
+
+    def fn(path, shape):
+        spec = param_spec(path)
+        check_divisible(path, shape, spec, mesh)
+        return NamedSharding(mesh, spec)
+
+    return fn
+
+
+def tree_shardings(mesh: Mesh, tree):
+    """NamedShardings for a pure parameter tree (arrays or ShapeDtypeStructs)."""
+    fn = param_sharding_fn(mesh)
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, leaf: fn(tuple(str(getattr(k, "key", k)) for k in kp), leaf.shape), tree
+    )
+
+
+def batch_sharding(mesh: Mesh, rank: int = 2) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (rank - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]

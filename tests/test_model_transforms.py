@@ -1,0 +1,111 @@
+"""Scan, remat, sharded placement: none of them changes a number."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxtune
+from jaxtune import sharding
+from jaxtune.models.hf_io import abstract_model, iter_hf_tensors
+from jaxtune.models.llama import REMAT_POLICIES, LlamaConfig
+from helpers import TINY, assert_close_scaled, make_hf_llama
+
+
+def _loss_and_grads(model, ids, weights):
+    graphdef, state = nnx.split(model)
+    params = nnx.as_pure(state)
+
+    @jax.jit
+    def f(params):
+        def loss(params):
+            return jnp.sum(nnx.merge(graphdef, params)(ids) * weights)
+
+        return jax.value_and_grad(loss)(params)
+
+    return f(params)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    ref = make_hf_llama(path, num_key_value_heads=2, num_hidden_layers=3)
+    return path, ref
+
+
+def test_gradients_match_torch_and_every_remat_policy(checkpoint):
+    import torch
+
+    path, ref = checkpoint
+    rng = np.random.RandomState(0)
+    ids = rng.randint(0, 128, (2, 24))
+    weights = rng.randn(2, 24, 128).astype(np.float32)
+
+    ref.zero_grad()
+    loss_t = (ref(torch.tensor(ids)).logits * torch.tensor(weights)).sum()
+    loss_t.backward()
+    torch_grads = {n: p.grad.numpy() for n, p in ref.named_parameters()}
+
+    results = {}
+    for policy in REMAT_POLICIES:
+        model = jaxtune.from_pretrained(path, remat=policy)
+        results[policy] = _loss_and_grads(model, jnp.asarray(ids), jnp.asarray(weights))
+
+    config = LlamaConfig.from_pretrained(path)
+    plain_loss, plain_grads = results["none"]
+    np.testing.assert_allclose(plain_loss, loss_t.item(), rtol=1e-4)
+    for name, g in iter_hf_tensors(plain_grads, config):
+        assert_close_scaled(g, torch_grads[name], tol=1e-4)
+    for policy, (loss, grads) in results.items():
+        np.testing.assert_allclose(loss, plain_loss, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(plain_grads)):
+            assert_close_scaled(a, np.asarray(b), tol=1e-5)
+
+
+def _compiled_grad_text(layers):
+    config = LlamaConfig.from_hf_dict({**TINY, "num_hidden_layers": layers})
+    graphdef, abstract = abstract_model(config, remat="dots")
+    params = nnx.as_pure(abstract)
+    ids = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+
+    def loss(params, ids):
+        return nnx.merge(graphdef, params)(ids).sum()
+
+    return jax.jit(jax.grad(loss)).lower(params, ids).compile().as_text()
+
+
+def test_program_size_does_not_grow_with_depth():
+    # Scanned layers compile one block: the program for 16 layers is the program for 2.
+    # (tools/bench.py --compile prints the compile times.)
+    small, deep = _compiled_grad_text(2), _compiled_grad_text(16)
+    assert len(deep.splitlines()) < 1.1 * len(small.splitlines())
+
+
+def test_load_straight_into_shardings(checkpoint):
+    path, ref = checkpoint
+    mesh = sharding.make_mesh(sharding.MeshShape(data=1, fsdp=4, tensor=2))
+    model = jaxtune.from_pretrained(path, sharding_fn=sharding.param_sharding_fn(mesh))
+    q = model.layers.self_attn.q_proj.kernel[...]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    assert {s.data.shape for s in q.addressable_shards} == {(3, 16, 2, 16)}
+    ids = np.random.RandomState(1).randint(0, 128, (2, 16))
+    plain = jaxtune.from_pretrained(path)
+    np.testing.assert_allclose(model(jnp.asarray(ids)), plain(jnp.asarray(ids)), atol=1e-5)
+
+
+def test_unshardable_parameter_is_a_user_error(checkpoint):
+    path, _ = checkpoint
+    mesh = sharding.make_mesh(sharding.MeshShape(data=1, fsdp=1, tensor=8))  # 2 kv heads, 8-way split
+    with pytest.raises(jaxtune.errors.UserError, match="cannot be split 8 ways"):
+        jaxtune.from_pretrained(path, sharding_fn=sharding.param_sharding_fn(mesh))
+
+
+def test_every_parameter_matches_exactly_one_rule():
+    for overrides in ({}, {"attention_bias": True, "mlp_bias": True}, {"tie_word_embeddings": True}):
+        config = LlamaConfig.from_hf_dict({**TINY, **overrides})
+        _, abstract = abstract_model(config)
+        for kp, _ in jax.tree_util.tree_flatten_with_path(nnx.as_pure(abstract))[0]:
+            sharding.param_spec(tuple(str(k.key) for k in kp))
+    with pytest.raises(RuntimeError, match="matches 0 partition rules"):
+        sharding.param_spec(("layers", "new_thing", "kernel"))
