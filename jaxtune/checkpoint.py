@@ -1,0 +1,130 @@
+"""Orbax checkpoints: the latest-k full training states and the best-k parameter sets.
+
+<workdir>/checkpoints/<step>/{state,loop}  TrainState (sharded arrays) + LoopState (JSON)
+<workdir>/best/<step>/{params,meta}       parameters only, with the step and metric value
+
+Saves are asynchronous: `save` returns once the arrays are copied off the devices, and
+Orbax writes into `<step>.orbax-checkpoint-tmp` which is renamed when complete, so a
+process killed mid-save leaves only a temporary directory, which is never restored and
+is removed at the next start. Restores always pass explicit abstract targets that carry
+the shardings of the current mesh, so a run resumes on another mesh or device count.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxtune.errors import UserError
+from jaxtune.state import LoopState, TrainState
+
+TMP_MARKER = ".orbax-checkpoint-tmp"
+
+
+def _manager(directory, max_to_keep, best_fn=None, best_mode="min", items=("state", "loop")):
+    _remove_incomplete(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        best_fn=best_fn,
+        best_mode=best_mode,
+        enable_async_checkpointing=True,
+        cleanup_tmp_directories=True,
+        create=True,
+    )
+    return ocp.CheckpointManager(directory, options=options, item_names=items)
+
+
+def _remove_incomplete(directory):
+    """Deletes what a killed save left behind (Orbax also does; this covers every layout)."""
+    if jax.process_index() != 0 or not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if TMP_MARKER in name:
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+class Checkpointer:
+    def __init__(self, workdir: str, *, keep: int, keep_best: int, metric: str, greater_is_better: bool,
+                 on_corrupt: str = "error"):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.best_directory = os.path.abspath(os.path.join(workdir, "best"))
+        self.metric = metric
+        self.on_corrupt = on_corrupt
+        self.manager = _manager(self.directory, keep)
+        self.best_manager = _manager(
+            self.best_directory, keep_best, best_fn=lambda m: m[metric],
+            best_mode="max" if greater_is_better else "min", items=("params", "meta"),
+        )
+
+    # ---- full training state ------------------------------------------------------------
+    def save(self, step: int, state: TrainState, loop: LoopState) -> None:
+        if step in self.manager.all_steps():
+            return
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop.to_json())),
+            force=True,
+        )
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, LoopState]:
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), loop=ocp.args.JsonRestore()),
+        )
+        return restored.state, LoopState.from_json(restored.loop)
+
+    def restore_latest(self, abstract_state: TrainState, log=print):
+        """(step, state, loop) of the newest readable checkpoint, or None if there is none."""
+        for step in reversed(self.steps()):
+            try:
+                state, loop = self.restore(step, abstract_state)
+                return step, state, loop
+            except Exception as e:  # noqa: BLE001 - any unreadable file means a corrupt checkpoint
+                where = os.path.join(self.directory, str(step))
+                if self.on_corrupt != "fallback":
+                    raise UserError(
+                        f"checkpoint {where} is corrupted or unreadable ({type(e).__name__}: {str(e)[:200]}); "
+                        "delete it or set checkpoint.on_corrupt=fallback to resume from the one before."
+                    ) from None
+                log(f"warning: checkpoint {where} is unreadable ({type(e).__name__}); trying the previous one")
+        return None
+
+    # ---- best parameters ------------------------------------------------------------------
+    def save_best(self, step: int, params, value: float, metrics: dict) -> None:
+        meta = {"step": step, "metric": self.metric, "value": value, "metrics": metrics}
+        self.best_manager.save(
+            step,
+            args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)),
+            metrics={self.metric: value},
+            force=True,
+        )
+
+    def best_step(self) -> int | None:
+        return self.best_manager.best_step()
+
+    def restore_best(self, abstract_params, step: int | None = None):
+        """(params, meta) of the best checkpoint (or of `step`)."""
+        self.best_manager.wait_until_finished()
+        step = self.best_step() if step is None else step
+        if step is None:
+            raise UserError(f"no best checkpoint in {self.best_directory}.")
+        restored = self.best_manager.restore(
+            step,
+            args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()),
+        )
+        return restored.params, restored.meta
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+        self.best_manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.wait()
+        self.manager.close()
+        self.best_manager.close()

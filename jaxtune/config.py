@@ -1,0 +1,317 @@
+"""Configuration: defaults, command-line overrides and validation, before any work.
+
+A recipe in `configs/` is a Python file whose `get_config()` starts from `defaults()` and
+changes what it needs. The config is locked: a key that does not exist is an error, and
+ml_collections checks the type of every assignment. `validate` then checks values and
+contradictions, so a bad config fails in a second, not after loading a model.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from typing import Sequence
+
+import ml_collections
+from ml_collections import config_dict
+
+from jaxtune.errors import UserError
+
+SCHEDULES = ("linear", "cosine", "constant")
+EVAL_METRICS = ("eval_loss", "eval_ppl", "eval_accuracy")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def defaults() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.workdir = "runs/default"
+
+    c.model = ml_collections.ConfigDict()
+    c.model.hf_path = ""  # a local Hugging Face Llama directory
+    c.model.param_dtype = "float32"  # master weights and optimizer state
+    c.model.compute_dtype = "bfloat16"  # matmul inputs (accumulation is float32)
+    c.model.remat = "dots"  # none | full | dots | dots_no_batch
+    c.model.loss_chunk_len = 0  # >0: lm head + loss over this many positions at a time
+    c.model.allow_pickle = False  # allow pytorch_model.bin (pickle runs code)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = -1  # -1: all remaining devices
+    c.mesh.tensor = 1
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train_files = ()
+    c.data.eval_files = ()
+    c.data.format = "auto"  # auto | text | prompt_completion | alpaca | sharegpt | messages
+    c.data.tokenizer_path = ""  # default: model.hf_path
+    c.data.max_seq_len = 1024
+    c.data.packing = True
+    c.data.truncation = "truncate"  # truncate | drop
+    c.data.train_on_prompt = False
+    c.data.on_bad_record = "error"  # error | skip
+    c.data.eval_fraction = 0.05  # held out of train when no eval_files are given
+    c.data.cache_dir = ""  # default: <workdir>/data_cache
+
+    c.train = ml_collections.ConfigDict()
+    c.train.global_batch_size = 8  # sequences (rows) per optimizer step
+    c.train.grad_accum_steps = 1
+    c.train.num_epochs = 1.0
+    c.train.max_steps = -1  # >0 overrides num_epochs
+    c.train.seed = 0
+    c.train.log_every = 10
+    c.train.eval_every = 100  # 0: evaluate only at the end
+    c.train.eval_batch_size = 0  # rows per eval batch; 0: global_batch_size / grad_accum_steps
+    c.train.save_every = 500
+    c.train.resume = "auto"  # auto | never
+    c.train.overwrite = False
+    c.train.load_best_at_end = False
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.lr = 2e-5
+    c.optimizer.schedule = "linear"  # linear | cosine | constant
+    c.optimizer.warmup_ratio = 0.0
+    c.optimizer.warmup_steps = 0  # >0 overrides warmup_ratio
+    c.optimizer.min_lr_ratio = 0.0
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.max_grad_norm = 1.0  # 0: no clipping
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.keep = 2
+    c.checkpoint.keep_best = 1
+    c.checkpoint.metric = "eval_loss"
+    c.checkpoint.greater_is_better = config_dict.placeholder(bool)  # None: inferred from the name
+    c.checkpoint.on_corrupt = "error"  # error | fallback
+
+    c.early_stopping = ml_collections.ConfigDict()
+    c.early_stopping.patience = 0  # evaluations without improvement; 0: off
+    c.early_stopping.min_delta = 0.0
+
+    c.anomaly = ml_collections.ConfigDict()
+    c.anomaly.spike_factor = 0.0  # skip a step whose loss > factor x running median; 0: off
+    c.anomaly.window = 32  # steps in the running median
+    c.anomaly.max_consecutive = 5
+    c.anomaly.on_persistent = "rollback"  # rollback | stop
+
+    c.logging = ml_collections.ConfigDict()
+    c.logging.progress_bar = True
+    c.logging.tensorboard = True
+    c.logging.wandb = False
+    c.logging.wandb_project = "jaxtune"
+    c.logging.peak_flops = 0.0  # per device, for MFU; 0: from the device kind (see README)
+    c.logging.plot = True  # curves.png at the end
+    return c
+
+
+# ---- Loading -------------------------------------------------------------------------------
+def load_recipe(path: str) -> ml_collections.ConfigDict:
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path} does not exist.")
+    spec = importlib.util.spec_from_file_location("jaxtune_recipe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise UserError(f"config file {path} has no get_config() function.")
+    try:
+        config = module.get_config()
+    except AttributeError as e:  # assigning a key that does not exist in the locked defaults
+        raise UserError(f"config file {path}: {e}") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise UserError(f"config file {path}: get_config() must return an ml_collections.ConfigDict.")
+    return config
+
+
+def _parse_value(key: str, text: str, current):
+    if isinstance(current, bool) or text.lower() in ("true", "false") and current is None:
+        low = text.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise UserError(f"--config.{key} expects true or false, got {text!r}.")
+    if isinstance(current, (tuple, list)):
+        if text.strip().startswith(("[", "(")):
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                raise UserError(f"--config.{key}: cannot parse {text!r} as a list.") from None
+            return tuple(value)
+        return tuple(p for p in (s.strip() for s in text.split(",")) if p)
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    return value
+
+
+def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
+    parts = key.split(".")
+    node = config
+    for i, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            known = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
+            where = ".".join(parts[:i]) or "config"
+            raise UserError(f"unknown config key {key!r}: {where} has no {part!r} (it has: {known}).")
+        if i < len(parts) - 1:
+            node = node[part]
+    current = node[parts[-1]]
+    if isinstance(current, ml_collections.ConfigDict):
+        raise UserError(f"--config.{key} is a section; set one of its keys instead.")
+    value = _parse_value(key, text, current)
+    try:
+        node[parts[-1]] = value
+    except TypeError:
+        raise UserError(
+            f"--config.{key} expects a {type(current).__name__}, got {text!r}."
+        ) from None
+
+
+def parse_args(argv: Sequence[str], default_config: str) -> ml_collections.ConfigDict:
+    """`--config PATH` and `--config.a.b=VALUE` (or `--config.a.b VALUE`)."""
+    recipe = default_config
+    overrides: list[tuple[str, str]] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("-h", "--help"):
+            raise SystemExit(_usage())
+        if not arg.startswith("--config"):
+            raise UserError(f"unexpected argument {arg!r}; use --config PATH and --config.KEY=VALUE.")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise UserError(f"--{name} needs a value.")
+            value = args[i + 1]
+            i += 1
+        if name == "config":
+            recipe = value
+        elif name.startswith("config."):
+            overrides.append((name[len("config."):], value))
+        else:
+            raise UserError(f"unexpected argument {arg!r}; use --config PATH and --config.KEY=VALUE.")
+        i += 1
+    config = load_recipe(recipe)
+    for key, value in overrides:
+        apply_override(config, key, value)
+    validate(config)
+    return config
+
+
+def _usage() -> str:
+    return (
+        "usage: python run.py [--config configs/NAME.py] [--config.KEY=VALUE ...]\n"
+        "Without --config it runs configs/demo.py. Keys: see README.md (Configuration)."
+    )
+
+
+# ---- Validation ------------------------------------------------------------------------------
+def _choice(value, options, key):
+    if value not in options:
+        raise UserError(f"{key} must be one of {', '.join(map(str, options))}, got {value!r}.")
+
+
+def metric_greater_is_better(config) -> bool:
+    """As the Hugging Face Trainer: unset means lower is better for losses (and perplexity)."""
+    if config.checkpoint.greater_is_better is not None:
+        return bool(config.checkpoint.greater_is_better)
+    return not config.checkpoint.metric.endswith(("loss", "ppl"))
+
+
+def has_eval_data(config) -> bool:
+    return bool(config.data.eval_files) or config.data.eval_fraction > 0
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Values and contradictions that need no devices or files."""
+    m, d, t, o = config.model, config.data, config.train, config.optimizer
+    if not config.workdir:
+        raise UserError("workdir must be set.")
+    if not m.hf_path:
+        raise UserError("model.hf_path must name a local Hugging Face Llama directory.")
+    _choice(m.param_dtype, DTYPES, "model.param_dtype")
+    _choice(m.compute_dtype, DTYPES, "model.compute_dtype")
+    _choice(m.remat, ("none", "full", "dots", "dots_no_batch"), "model.remat")
+    if m.loss_chunk_len < 0 or (m.loss_chunk_len and d.max_seq_len % m.loss_chunk_len):
+        raise UserError(
+            f"model.loss_chunk_len ({m.loss_chunk_len}) must be 0 or divide data.max_seq_len ({d.max_seq_len})."
+        )
+    if not d.train_files:
+        raise UserError("data.train_files must list at least one file, glob or directory.")
+    _choice(d.format, ("auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages"), "data.format")
+    _choice(d.truncation, ("truncate", "drop"), "data.truncation")
+    _choice(d.on_bad_record, ("error", "skip"), "data.on_bad_record")
+    if d.max_seq_len < 2:
+        raise UserError(f"data.max_seq_len must be at least 2, got {d.max_seq_len}.")
+    if not 0 <= d.eval_fraction < 1:
+        raise UserError(f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}.")
+
+    if t.global_batch_size < 1 or t.grad_accum_steps < 1:
+        raise UserError("train.global_batch_size and train.grad_accum_steps must be positive.")
+    if t.global_batch_size % t.grad_accum_steps:
+        raise UserError(
+            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+            f"train.grad_accum_steps ({t.grad_accum_steps})."
+        )
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise UserError("train.max_steps must be positive, or -1 to train for train.num_epochs.")
+    if t.max_steps == -1 and t.num_epochs <= 0:
+        raise UserError("train.num_epochs must be positive when train.max_steps is -1.")
+    if t.log_every < 1:
+        raise UserError("train.log_every must be at least 1.")
+    if t.eval_every < 0 or t.save_every < 1:
+        raise UserError("train.eval_every must be >= 0 and train.save_every >= 1.")
+    if t.eval_batch_size < 0:
+        raise UserError("train.eval_batch_size must be >= 0.")
+    _choice(t.resume, ("auto", "never"), "train.resume")
+
+    if o.lr <= 0:
+        raise UserError(f"optimizer.lr must be positive, got {o.lr}.")
+    _choice(o.schedule, SCHEDULES, "optimizer.schedule")
+    if not 0 <= o.warmup_ratio < 1:
+        raise UserError(f"optimizer.warmup_ratio must be in [0, 1), got {o.warmup_ratio}.")
+    if o.warmup_steps < 0:
+        raise UserError("optimizer.warmup_steps must be >= 0.")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise UserError(f"optimizer.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}.")
+    if o.weight_decay < 0 or o.max_grad_norm < 0 or o.eps <= 0:
+        raise UserError("optimizer.weight_decay and max_grad_norm must be >= 0, eps > 0.")
+    if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1):
+        raise UserError("optimizer.b1 and optimizer.b2 must be in [0, 1).")
+
+    ck, es = config.checkpoint, config.early_stopping
+    _choice(ck.metric, EVAL_METRICS, "checkpoint.metric")
+    _choice(ck.on_corrupt, ("error", "fallback"), "checkpoint.on_corrupt")
+    if ck.keep < 1 or ck.keep_best < 1:
+        raise UserError("checkpoint.keep and checkpoint.keep_best must be at least 1.")
+    if es.patience < 0 or es.min_delta < 0:
+        raise UserError("early_stopping.patience and min_delta must be >= 0.")
+    needs_eval = [
+        name for name, on in (
+            ("train.load_best_at_end", t.load_best_at_end), ("early_stopping.patience", es.patience > 0),
+        ) if on
+    ]
+    if needs_eval and not has_eval_data(config):
+        raise UserError(f"{needs_eval[0]} needs evaluation data: set data.eval_files or data.eval_fraction > 0.")
+    if es.patience > 0 and t.eval_every == 0:
+        raise UserError("early_stopping.patience needs periodic evaluation: set train.eval_every > 0.")
+
+    a = config.anomaly
+    if a.spike_factor < 0 or (0 < a.spike_factor <= 1):
+        raise UserError(f"anomaly.spike_factor must be 0 (off) or greater than 1, got {a.spike_factor}.")
+    if a.window < 1 or a.max_consecutive < 1:
+        raise UserError("anomaly.window and anomaly.max_consecutive must be at least 1.")
+    _choice(a.on_persistent, ("rollback", "stop"), "anomaly.on_persistent")
+    if config.logging.peak_flops < 0:
+        raise UserError("logging.peak_flops must be >= 0.")
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict:
+    return config.to_dict()

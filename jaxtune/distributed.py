@@ -1,0 +1,45 @@
+"""Multi-host initialisation and the few collectives the host loop needs.
+
+On a single host nothing is initialised. On TPU pods, SLURM and GPU clusters with a
+coordinator (JAX_COORDINATOR_ADDRESS or SLURM with several tasks), `jax.distributed`
+is initialised before any device is touched.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+_MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def init() -> None:
+    wanted = any(os.environ.get(v) for v in _MULTIHOST_ENV) or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    if wanted and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+
+
+def is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def _gather(value) -> np.ndarray:
+    if jax.process_count() == 1:
+        return np.asarray([value])
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(value)))
+
+
+def global_min(value: int) -> int:
+    return int(_gather(value).min())
+
+
+def global_max(value: int) -> int:
+    return int(_gather(value).max())
+
+
+def any_process(flag: bool) -> bool:
+    return bool(_gather(bool(flag)).any())

@@ -1,0 +1,55 @@
+"""Model FLOPs per token and the peak a device can do, for MFU.
+
+Model FLOPs (what the README documents): per trained-or-not token in a row,
+  6 * N_matmul                                  (forward 2N, backward 4N)
++ 6 * L * T * n_heads * head_dim                (attention scores and values, causal:
+                                                 half of the 12 * L * T * d of full attention)
+N_matmul counts every weight used in a matmul: attention and MLP projections and the lm
+head (the embedding lookup is not a matmul). Rematerialisation is not counted (that would
+be hardware FLOPs utilisation). MFU = tokens/s per device * FLOPs per token / peak.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from jaxtune.models.llama import LlamaConfig
+
+# Dense bf16/fp16 peak FLOP/s per device (no sparsity), by jax `device_kind` substring.
+PEAK_BF16 = (
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("TPU v6", 918e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 197e12),  # v5e / "TPU v5 lite"
+    ("TPU v4", 275e12),
+)
+
+
+def matmul_params(c: LlamaConfig) -> int:
+    d, f, v = c.hidden_size, c.intermediate_size, c.vocab_size
+    n, k, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    per_layer = d * n * h * 2 + d * k * h * 2 + 3 * d * f
+    return c.num_hidden_layers * per_layer + d * v
+
+
+def flops_per_token(c: LlamaConfig, seq_len: int) -> float:
+    attention = 6 * c.num_hidden_layers * seq_len * c.num_attention_heads * c.head_dim
+    return 6 * matmul_params(c) + attention
+
+
+def peak_flops_per_device(compute_dtype: str, configured: float = 0.0) -> float | None:
+    """The configured peak, else the bf16 table for this device kind; None when unknown."""
+    if configured > 0:
+        return configured
+    if compute_dtype == "float32":
+        return None  # fp32 peaks depend on TF32 settings; give logging.peak_flops
+    kind = jax.devices()[0].device_kind
+    for name, peak in PEAK_BF16:
+        if name.lower() in kind.lower():
+            return peak
+    return None

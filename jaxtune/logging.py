@@ -1,0 +1,117 @@
+"""What a run reports: progress bar, metrics.jsonl, TensorBoard, W&B, curves.png.
+
+Every record is one JSON object in <workdir>/metrics.jsonl. The file is rewritten from
+the checkpoint's history on resume, so it always describes the run that the parameters
+came from. Only process 0 prints and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any
+
+import jax
+
+
+class RunLogger:
+    def __init__(self, workdir: str, config, *, total_steps: int, start_step: int, history: list[dict],
+                 enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.workdir = workdir
+        self.history = history
+        self.bar = None
+        self.tb = None
+        self.wandb = None
+        if not self.enabled:
+            return
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        with open(self.path, "w") as f:  # exactly the records of the resumed state
+            for record in history:
+                f.write(json.dumps(record) + "\n")
+        self.file = open(self.path, "a", buffering=1)
+        lc = config.logging
+        if lc.tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        if lc.wandb:
+            try:
+                import wandb
+            except ImportError:
+                print("warning: logging.wandb=True but the wandb package is not installed; "
+                      "not logging to W&B (pip install wandb)", file=sys.stderr)
+            else:
+                self.wandb = wandb.init(
+                    project=lc.wandb_project, dir=workdir, config=config.to_dict(),
+                    name=os.path.basename(os.path.abspath(workdir)), resume="allow",
+                )
+        if lc.progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        step = record["step"]
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and value is not None and math.isfinite(value):
+                if self.tb is not None:
+                    self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        if self.bar is not None:
+            shown = {k: record[k] for k in ("loss", "lr", "tokens_per_sec", "eval_loss") if k in record}
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if v is not None}, refresh=False)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def close(self, plot: bool = True) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if plot:
+            plot_curves(self.history, os.path.join(self.workdir, "curves.png"))
+
+
+def plot_curves(history: list[dict], out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in history if r.get("loss") is not None]
+    evals = [(r["step"], r["eval_loss"]) for r in history if r.get("eval_loss") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

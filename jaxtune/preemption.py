@@ -1,0 +1,40 @@
+"""SIGTERM/SIGINT: stop at the next step boundary after a durable checkpoint; a second
+signal exits at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+
+class StopRequest:
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers, no graceful stop
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            print(f"\nsecond signal {signal.Signals(signum).name}: exiting now", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint at the end of this step, "
+              "then exiting (send it again to exit at once)", file=sys.stderr, flush=True)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None

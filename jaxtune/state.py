@@ -1,0 +1,92 @@
+"""The training state: a device pytree (`TrainState`) and a host record (`LoopState`).
+
+Both are saved in every checkpoint, so a restart continues exactly: parameters, optimizer
+state, the step counters and the anomaly guard's window live on the devices; the data
+position, early-stopping and best-model bookkeeping and the metrics so far live on the
+host (JSON). Llama has no dropout, so no random state is consumed by a step: data order
+is a pure function of (train.seed, epoch), and the data position is the whole of the
+run's randomness.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32: batches consumed, applied or skipped
+    applied: jax.Array  # int32: updates applied; drives the learning-rate schedule
+    params: Any  # pure nnx.State, param_dtype
+    opt_state: Any
+    loss_window: jax.Array  # [window] float32, NaN where empty: recent applied losses
+    skipped: jax.Array  # int32: steps not applied (non-finite or spike), in all
+    consecutive_skipped: jax.Array  # int32
+
+    @classmethod
+    def create(cls, params, opt_state, window: int) -> "TrainState":
+        zero = jnp.zeros((), jnp.int32)
+        return cls(
+            step=zero, applied=zero, params=params, opt_state=opt_state,
+            loss_window=jnp.full((window,), jnp.nan, jnp.float32), skipped=zero, consecutive_skipped=zero,
+        )
+
+
+@dataclasses.dataclass
+class EarlyStoppingState:
+    """As transformers' EarlyStoppingCallback: patience counts evaluations without an
+    improvement larger than `min_delta` (absolute) over the best value seen."""
+
+    best: float | None = None
+    bad_evals: int = 0
+
+    def update(self, value: float, greater_is_better: bool, min_delta: float) -> None:
+        improved = self.best is None or (
+            value - self.best > min_delta if greater_is_better else self.best - value > min_delta
+        )
+        if improved:
+            self.best, self.bad_evals = value, 0
+        else:
+            self.bad_evals += 1
+
+    def should_stop(self, patience: int) -> bool:
+        return patience > 0 and self.bad_evals >= patience
+
+
+@dataclasses.dataclass
+class BestModelState:
+    """The best evaluation so far; its parameters are in <workdir>/best."""
+
+    value: float | None = None
+    step: int | None = None
+
+    def improves(self, value: float, greater_is_better: bool) -> bool:
+        if self.value is None:
+            return True
+        return value > self.value if greater_is_better else value < self.value
+
+
+@dataclasses.dataclass
+class LoopState:
+    epoch: int = 0  # data-loader position: the next batch is (epoch, batch_index)
+    batch_index: int = 0
+    early_stopping: EarlyStoppingState = dataclasses.field(default_factory=EarlyStoppingState)
+    best: BestModelState = dataclasses.field(default_factory=BestModelState)
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # metrics.jsonl records
+    rollbacks: int = 0
+    stopped_early: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "LoopState":
+        d = dict(d)
+        d["early_stopping"] = EarlyStoppingState(**d.get("early_stopping", {}))
+        d["best"] = BestModelState(**d.get("best", {}))
+        return cls(**d)

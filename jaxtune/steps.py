@@ -1,0 +1,181 @@
+"""The compiled train and eval steps: pure `jax.jit` functions over the state pytree with
+explicit shardings and a donated state.
+
+Loss normalisation: each micro-batch contributes the *sum* of its token losses and
+gradients; the step divides by the number of trained tokens in the whole global batch.
+So the result is the same with 1 or N micro-batches, packed or not, on any mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxtune import sharding
+from jaxtune.losses import fused_loss_sum, loss_and_accuracy_sums
+from jaxtune.state import TrainState
+
+BATCH_FIELDS = ("input_ids", "targets", "loss_weights", "positions", "segment_ids")
+
+
+@struct.dataclass
+class Batch:
+    """Device-side rows; leaves are [rows, T] (eval) or [accum, rows, T] (train)."""
+
+    input_ids: jax.Array
+    targets: jax.Array
+    loss_weights: jax.Array
+    positions: jax.Array
+    segment_ids: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    compute_dtype: Any
+    loss_chunk_len: int = 0
+    grad_accum_steps: int = 1
+    spike_factor: float = 0.0  # 0: off
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMetrics:
+    """What one train step reports, fetched to the host."""
+
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens: float
+    applied: bool
+    consecutive_skipped: int
+
+
+def state_shardings(mesh: Mesh, optimizer: optax.GradientTransformation, abstract_state: TrainState):
+    params = sharding.tree_shardings(mesh, abstract_state.params)
+    rep = sharding.replicated(mesh)
+    opt = optax.tree_map_params(
+        optimizer, lambda _, s: s, abstract_state.opt_state, params,
+        transform_non_params=lambda _: rep, is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+    return TrainState(
+        step=rep, applied=rep, params=params, opt_state=opt, loss_window=rep, skipped=rep, consecutive_skipped=rep,
+    )
+
+
+def train_batch_sharding(mesh: Mesh) -> Batch:
+    s = NamedSharding(mesh, P(None, sharding.BATCH_AXES, None))
+    return Batch(*(s,) * len(BATCH_FIELDS))
+
+
+def eval_batch_sharding(mesh: Mesh) -> Batch:
+    s = sharding.batch_sharding(mesh)
+    return Batch(*(s,) * len(BATCH_FIELDS))
+
+
+def _loss_sum(graphdef, settings: StepSettings, params, batch: Batch):
+    model = nnx.merge(graphdef, params)
+    hidden = model.hidden_states(batch.input_ids, batch.positions, batch.segment_ids)
+    return fused_loss_sum(
+        hidden, model.lm_head_kernel(), batch.targets, batch.loss_weights,
+        settings.compute_dtype, settings.loss_chunk_len,
+    )
+
+
+def _tree_where(cond, new, old):
+    return jax.tree.map(lambda a, b: jnp.where(cond, a, b), new, old)
+
+
+def make_train_step(graphdef, optimizer, schedule: Callable, settings: StepSettings, mesh: Mesh, shardings):
+    grad_fn = jax.value_and_grad(lambda p, b: _loss_sum(graphdef, settings, p, b))
+
+    def step(state: TrainState, batch: Batch):
+        zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+
+        def micro(carry, mb):
+            loss_acc, grad_acc = carry
+            loss, grads = grad_fn(state.params, mb)
+            grad_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_acc, grads)
+            return (loss_acc + loss, grad_acc), None
+
+        (loss_sum, grads), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zero_grads), batch)
+        tokens = jnp.sum(batch.loss_weights.astype(jnp.float32))
+        denom = jnp.maximum(tokens, 1.0)
+        loss = loss_sum / denom
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+        grad_norm = optax.tree.norm(grads)
+
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if settings.spike_factor > 0:
+            window = state.loss_window
+            full = jnp.all(~jnp.isnan(window))
+            ok &= ~(full & (loss > settings.spike_factor * jnp.nanmedian(window)))
+
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_window = jnp.roll(state.loss_window, -1).at[-1].set(loss)
+        new_state = TrainState(
+            step=state.step + 1,
+            applied=state.applied + ok.astype(jnp.int32),
+            params=_tree_where(ok, params, state.params),
+            opt_state=_tree_where(ok, opt_state, state.opt_state),
+            loss_window=jnp.where(ok, new_window, state.loss_window),
+            skipped=state.skipped + (~ok).astype(jnp.int32),
+            consecutive_skipped=jnp.where(ok, 0, state.consecutive_skipped + 1),
+        )
+        metrics = dict(
+            loss=loss, grad_norm=grad_norm, lr=schedule(state.applied), tokens=tokens,
+            applied=ok, consecutive_skipped=new_state.consecutive_skipped,
+        )
+        return new_state, metrics
+
+    rep = sharding.replicated(mesh)
+    return jax.jit(
+        step,
+        in_shardings=(shardings, train_batch_sharding(mesh)),
+        out_shardings=(shardings, rep),
+        donate_argnums=(0,),
+    )
+
+
+def make_eval_step(graphdef, settings: StepSettings, mesh: Mesh, param_shardings):
+    def step(params, batch: Batch):
+        model = nnx.merge(graphdef, params)
+        hidden = model.hidden_states(batch.input_ids, batch.positions, batch.segment_ids)
+        loss_sum, correct = loss_and_accuracy_sums(
+            hidden, model.lm_head_kernel(), batch.targets, batch.loss_weights,
+            settings.compute_dtype, settings.loss_chunk_len,
+        )
+        return loss_sum, correct, jnp.sum(batch.loss_weights.astype(jnp.float32))
+
+    rep = sharding.replicated(mesh)
+    return jax.jit(step, in_shardings=(param_shardings, eval_batch_sharding(mesh)), out_shardings=rep)
+
+
+def to_global_batch(rows, mesh: Mesh, accum_steps: int | None) -> Batch:
+    """Process-local rows -> a global Batch (train: [accum, rows/accum, T])."""
+    arrays = []
+    for name in BATCH_FIELDS:
+        local = np.asarray(getattr(rows, name))
+        if accum_steps is None:
+            sh = sharding.batch_sharding(mesh)
+            global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
+        else:
+            local = local.reshape(accum_steps, local.shape[0] // accum_steps, *local.shape[1:])
+            sh = NamedSharding(mesh, P(None, sharding.BATCH_AXES, None))
+            global_shape = (accum_steps, local.shape[1] * jax.process_count(), *local.shape[2:])
+        arrays.append(jax.make_array_from_process_local_data(sh, local, global_shape))
+    return Batch(*arrays)
+
+
+def fetch_metrics(metrics) -> StepMetrics:
+    m = jax.device_get(metrics)
+    return StepMetrics(
+        loss=float(m["loss"]), grad_norm=float(m["grad_norm"]), lr=float(m["lr"]), tokens=float(m["tokens"]),
+        applied=bool(m["applied"]), consecutive_skipped=int(m["consecutive_skipped"]),
+    )

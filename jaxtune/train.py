@@ -1,0 +1,359 @@
+"""The training run: data -> sharded state (fresh or resumed) -> the loop -> final eval.
+
+`run(config)` is what `python run.py` calls. The loop itself (`_Loop.train`) is short;
+setup and the per-step bookkeeping are separate methods so each reads on one screen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxtune import distributed, sharding
+from jaxtune.checkpoint import Checkpointer
+from jaxtune.config import has_eval_data, metric_greater_is_better, validate
+from jaxtune.errors import UserError
+from jaxtune.evaluate import EvalResult, evaluate
+from jaxtune.flops import flops_per_token, peak_flops_per_device
+from jaxtune.logging import RunLogger
+from jaxtune.models.hf_io import abstract_model, load_params
+from jaxtune.models.llama import LlamaConfig
+from jaxtune.optim import OptimizerSettings, build_optimizer, lr_schedule, num_warmup_steps
+from jaxtune.preemption import StopRequest
+from jaxtune.state import LoopState, TrainState
+from jaxtune.steps import (
+    StepSettings, fetch_metrics, make_eval_step, make_train_step, state_shardings, to_global_batch,
+)
+
+
+class AnomalyStop(UserError):
+    exit_code = 3
+
+
+@dataclasses.dataclass
+class RunResult:
+    workdir: str
+    step: int
+    stop_reason: str  # completed | early_stopping | preempted
+    history: list[dict[str, Any]]
+    params: Any  # the final parameters (the best ones with train.load_best_at_end)
+    loop: LoopState
+
+
+def _prepare_workdir(config) -> bool:
+    """Applies train.resume/overwrite; True when there is a checkpoint to resume from."""
+    workdir = config.workdir
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    has_ckpt = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
+    if config.train.resume == "auto":
+        return has_ckpt
+    leftovers = [n for n in os.listdir(workdir) if n != "data_cache"] if os.path.isdir(workdir) else []
+    if leftovers and not config.train.overwrite:
+        raise UserError(
+            f"workdir {workdir} is not empty and train.resume=never; choose another workdir or set "
+            "--config.train.overwrite=True to delete its checkpoints and logs."
+        )
+    if leftovers and jax.process_index() == 0:
+        for name in leftovers:
+            path = os.path.join(workdir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    return False
+
+
+def _resolved_config(config, mesh_sizes, settings) -> dict:
+    d = config.to_dict()
+    d["mesh"] = dict(zip(sharding.AXES, mesh_sizes))
+    d["data"]["tokenizer_path"] = settings.tokenizer_path
+    d["data"]["cache_dir"] = settings.cache_dir
+    d["checkpoint"]["greater_is_better"] = metric_greater_is_better(config)
+    return d
+
+
+def run(config, *, should_stop: Callable[[int], bool] | None = None) -> RunResult:
+    """Trains as `config` says. `should_stop(step)` is checked after each step like a SIGTERM."""
+    validate(config)
+    distributed.init()
+    loop = _Loop(config, should_stop)
+    with StopRequest() as stop:
+        loop.stop_request = stop
+        return loop.train()
+
+
+class _Loop:
+    def __init__(self, config, should_stop):
+        from jaxtune.data import BatchLoader, DataSettings, LoaderPosition, load_tokenizer, prepare_datasets
+
+        self.config = c = config
+        self.should_stop = should_stop
+        self.stop_request: StopRequest | None = None
+        t = c.train
+        # Cheap checks first: the model's config, the mesh, the batch against the mesh.
+        self.model_config = LlamaConfig.from_pretrained(c.model.hf_path)
+        self.mesh = sharding.make_mesh(sharding.MeshShape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor))
+        dp, procs = sharding.data_parallel_size(self.mesh), jax.process_count()
+        micro = t.global_batch_size // t.grad_accum_steps
+        self.eval_batch = t.eval_batch_size or micro
+        for name, rows in (("train.global_batch_size / train.grad_accum_steps", micro),
+                           ("train.eval_batch_size", self.eval_batch)):
+            if rows % dp or rows % procs:
+                raise UserError(
+                    f"{name} = {rows} rows must be a multiple of the data-parallel size "
+                    f"(mesh.data x mesh.fsdp = {dp}) and of the {procs} processes."
+                )
+        self.graphdef, abstract = abstract_model(
+            self.model_config, param_dtype=c.model.param_dtype, compute_dtype=c.model.compute_dtype,
+            remat=c.model.remat,
+        )
+        self.abstract_params = nnx.as_pure(abstract)
+        sharding.tree_shardings(self.mesh, self.abstract_params)  # unshardable parameter -> UserError now
+        resume = _prepare_workdir(c)
+
+        # Data: validated and tokenized before any weight is loaded.
+        self.data_settings = DataSettings.from_config(c)
+        tokenizer = load_tokenizer(self.data_settings.tokenizer_path)
+        log = print if distributed.is_main() else (lambda *a, **k: None)
+        data = prepare_datasets(self.data_settings, tokenizer, process_index=jax.process_index(),
+                                process_count=procs, log=log)
+        self.eval_rows = data.eval if has_eval_data(c) else None
+        if self.eval_rows is not None and distributed.global_max(len(self.eval_rows)) == 0:
+            self.eval_rows = None
+        self.loader = BatchLoader(data.train, t.global_batch_size // procs, t.seed,
+                                  usable_rows=distributed.global_min(len(data.train)))
+        self.total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_epochs * self.loader.steps_per_epoch)
+
+        # Optimizer, state (resumed or fresh), compiled steps.
+        opt_settings = OptimizerSettings.from_config(c.optimizer)
+        self.optimizer = build_optimizer(opt_settings, self.total_steps)
+        self.schedule = lr_schedule(opt_settings, self.total_steps)
+        abstract_state = jax.eval_shape(
+            lambda p: TrainState.create(p, self.optimizer.init(p), c.anomaly.window), self.abstract_params
+        )
+        self.shardings = state_shardings(self.mesh, self.optimizer, abstract_state)
+        self.abstract_state = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, self.shardings
+        )
+        self.gib = metric_greater_is_better(c)
+        self.ckpt = Checkpointer(c.workdir, keep=c.checkpoint.keep, keep_best=c.checkpoint.keep_best,
+                                 metric=c.checkpoint.metric, greater_is_better=self.gib,
+                                 on_corrupt=c.checkpoint.on_corrupt)
+        restored = self.ckpt.restore_latest(self.abstract_state, log=log) if resume else None
+        if restored is not None:
+            self.step, self.state, self.loop = restored
+            log(f"resuming from step {self.step} ({os.path.join(self.ckpt.directory, str(self.step))})")
+        else:
+            self.step, self.loop = 0, LoopState()
+            self.state = self._fresh_state()
+        self.loader.position = LoaderPosition(self.loop.epoch, self.loop.batch_index)
+        step_settings = StepSettings(
+            compute_dtype=jnp.dtype(c.model.compute_dtype), loss_chunk_len=c.model.loss_chunk_len,
+            grad_accum_steps=t.grad_accum_steps, spike_factor=c.anomaly.spike_factor,
+        )
+        self.train_step = make_train_step(self.graphdef, self.optimizer, self.schedule, step_settings,
+                                          self.mesh, self.shardings)
+        self.eval_step = make_eval_step(self.graphdef, step_settings, self.mesh, self.shardings.params)
+
+        if distributed.is_main():
+            os.makedirs(c.workdir, exist_ok=True)
+            with open(os.path.join(c.workdir, "config.json"), "w") as f:
+                json.dump(_resolved_config(c, self.mesh.devices.shape, self.data_settings), f, indent=2)
+        self.log = RunLogger(c.workdir, c, total_steps=self.total_steps, start_step=self.step,
+                             history=self.loop.history)  # one list: what is logged is checkpointed
+        self.log.message(data.report.summary())
+        self.log.message(
+            f"{self.model_config.num_params / 1e6:.1f}M parameters on mesh "
+            f"{dict(zip(sharding.AXES, self.mesh.devices.shape))}; {self.total_steps} steps "
+            f"({self.loader.steps_per_epoch} per epoch), warmup {num_warmup_steps(opt_settings, self.total_steps)}"
+        )
+        self.flops_per_token = flops_per_token(self.model_config, c.data.max_seq_len)
+        self.peak = peak_flops_per_device(c.model.compute_dtype, c.logging.peak_flops)
+
+    def _fresh_state(self) -> TrainState:
+        c = self.config
+        params = load_params(
+            c.model.hf_path, self.abstract_params, self.model_config,
+            sharding_fn=sharding.param_sharding_fn(self.mesh), allow_pickle=c.model.allow_pickle,
+        )
+        create = jax.jit(
+            lambda p: TrainState.create(p, self.optimizer.init(p), c.anomaly.window),
+            in_shardings=(self.shardings.params,), out_shardings=self.shardings,
+        )
+        return create(params)
+
+    # ---- the loop ------------------------------------------------------------------------
+    def train(self) -> RunResult:
+        reason = "completed"
+        self._interval = _Interval()
+        pending = None
+        while self.step < self.total_steps:
+            rows = self.loader.next_batch()
+            batch = to_global_batch(rows, self.mesh, self.config.train.grad_accum_steps)
+            self.state, metrics = self.train_step(self.state, batch)
+            self.step += 1
+            self.loop.epoch, self.loop.batch_index = self.loader.position.epoch, self.loader.position.batch_index
+            if pending is not None and self._after_step(*pending):
+                pending = None  # rolled back: this step's metrics belong to the abandoned timeline
+                continue
+            pending = (self.step, metrics, int(np.count_nonzero(rows.segment_ids)))
+            if self._boundary_work_due():
+                rolled_back = self._after_step(*pending)
+                pending = None
+                if rolled_back:
+                    continue
+                reason = self._boundary_work() or reason
+                if reason != "completed":
+                    break
+        if pending is not None:
+            self._after_step(*pending)
+        return self._finish(reason)
+
+    def _boundary_work_due(self) -> bool:
+        t, s = self.config.train, self.step
+        return (
+            s % t.log_every == 0 or s % t.save_every == 0 or s == self.total_steps
+            or (t.eval_every and s % t.eval_every == 0) or self._stop_requested()
+        )
+
+    def _stop_requested(self) -> bool:
+        local = bool(self.stop_request and self.stop_request.requested) or bool(
+            self.should_stop and self.should_stop(self.step))
+        return distributed.any_process(local)
+
+    def _boundary_work(self) -> str | None:
+        """Logging, evaluation, saving and stopping at a step boundary (metrics flushed)."""
+        t, s = self.config.train, self.step
+        if s % t.log_every == 0 or s == self.total_steps:
+            self._log_interval()
+        if self.eval_rows is not None and t.eval_every and s % t.eval_every == 0:
+            if self._evaluate():
+                self.ckpt.save(s, self.state, self.loop)
+                return "early_stopping"
+        if s % t.save_every == 0:
+            self.ckpt.save(s, self.state, self.loop)
+        if self._stop_requested():
+            self.ckpt.save(s, self.state, self.loop)
+            self.ckpt.wait()
+            self.log.message(f"stopped at step {s}; checkpoint saved. Run the same command to continue.")
+            return "preempted"
+        return None
+
+    def _after_step(self, step: int, metrics, tokens: int) -> bool:
+        """Books one step's metrics; True if persistent anomalies rolled the state back."""
+        m = fetch_metrics(metrics)
+        self._interval.add(m, tokens)
+        self.log.advance()
+        if not m.applied:
+            why = "non-finite loss or gradients" if not (math.isfinite(m.loss) and math.isfinite(m.grad_norm)) \
+                else f"loss spike ({m.loss:.4g} > {self.config.anomaly.spike_factor} x running median)"
+            self.log.message(f"step {step} skipped: {why}")
+        if m.consecutive_skipped >= self.config.anomaly.max_consecutive:
+            self._persistent_anomaly(step, m.consecutive_skipped)
+            return True
+        return False
+
+    def _persistent_anomaly(self, step: int, count: int) -> None:
+        a = self.config.anomaly
+        what = f"{count} consecutive steps were skipped as anomalous (last at step {step})"
+        self.ckpt.wait()
+        if a.on_persistent == "stop" or not self.ckpt.steps():
+            self.log.close(plot=False)
+            raise AnomalyStop(f"{what}; stopping (the last good checkpoint is in {self.ckpt.directory}).")
+        position = self.loader.position
+        restored_step, self.state, restored_loop = self.ckpt.restore_latest(self.abstract_state)
+        restored_loop.epoch, restored_loop.batch_index = position.epoch, position.batch_index
+        restored_loop.rollbacks = self.loop.rollbacks + 1
+        restored_loop.history = self.log.history  # the log keeps what happened before the rollback
+        self.loop, self.step = restored_loop, restored_step
+        self.log.message(f"{what}; rolled back to step {restored_step}, data continues past the bad batches")
+        self.log.log({"step": step, "event": "rollback", "to_step": restored_step, "skipped_in_a_row": count})
+
+    def _log_interval(self) -> None:
+        iv, now = self._interval, time.perf_counter()
+        record = {"step": self.step, "epoch": self.loop.epoch, **iv.summary(now)}
+        tps = record.get("tokens_per_sec")
+        if tps is not None and self.peak:
+            record["mfu"] = tps * self.flops_per_token / (self.peak * jax.device_count())
+        else:
+            record["mfu"] = None
+        self.log.log(record)
+        self._interval = _Interval(start=now)
+
+    def _evaluate(self) -> bool:
+        """Evaluates; saves the best parameters; True when early stopping says stop."""
+        result: EvalResult = evaluate(self.eval_step, self.state.params, self.eval_rows,
+                                      self.eval_batch // jax.process_count(), self.mesh)
+        c = self.config
+        value = result.metric(c.checkpoint.metric)
+        self.log.log({"step": self.step, **result.record()})
+        if self.loop.best.improves(value, self.gib):
+            self.ckpt.save_best(self.step, self.state.params, value, result.record())
+            self.loop.best.value, self.loop.best.step = value, self.step
+        es = self.loop.early_stopping
+        es.update(value, self.gib, c.early_stopping.min_delta)
+        if es.should_stop(c.early_stopping.patience):
+            self.loop.stopped_early = True
+            self.log.message(
+                f"early stopping at step {self.step}: {c.checkpoint.metric} did not improve by more than "
+                f"{c.early_stopping.min_delta} for {es.bad_evals} evaluations (best {es.best:.6g})"
+            )
+            return True
+        return False
+
+    def _finish(self, reason: str) -> RunResult:
+        c, s = self.config, self.step
+        if reason == "completed":
+            evaluated = bool(self.loop.history and self.loop.history[-1].get("eval_loss") is not None
+                             and self.loop.history[-1]["step"] == s)
+            if self.eval_rows is not None and not evaluated:
+                self._evaluate()
+            self.ckpt.save(s, self.state, self.loop)
+        self.ckpt.wait()
+        params = self.state.params
+        if c.train.load_best_at_end and self.loop.best.step is not None and reason != "preempted":
+            params, meta = self.ckpt.restore_best(self.abstract_state.params)
+            self.log.message(f"loaded the best parameters: step {meta['step']}, {meta['metric']} {meta['value']:.6g}")
+        self.ckpt.close()
+        self.log.close(plot=c.logging.plot and reason != "preempted")
+        return RunResult(c.workdir, s, reason, self.loop.history, params, self.loop)
+
+
+class _Interval:
+    """Train metrics between two log lines; skipped steps are counted, never averaged in."""
+
+    def __init__(self, start: float | None = None):
+        self.start = start
+        self.losses, self.norms, self.tokens = [], [], 0
+        self.steps = self.skipped = 0
+        self.lr = None
+
+    def add(self, m, tokens: int) -> None:
+        self.steps += 1
+        self.lr = m.lr
+        if m.applied:
+            self.losses.append(m.loss)
+            self.norms.append(m.grad_norm)
+        else:
+            self.skipped += 1
+        if self.start is None:  # the first step includes compilation: time from its end
+            self.start = time.perf_counter()
+        else:
+            self.tokens += tokens
+
+    def summary(self, now: float) -> dict:
+        elapsed = now - self.start if self.start is not None else 0.0
+        return {
+            "loss": float(np.mean(self.losses)) if self.losses else None,
+            "lr": self.lr,
+            "grad_norm": float(np.mean(self.norms)) if self.norms else None,
+            "tokens_per_sec": self.tokens / elapsed if elapsed > 0 and self.tokens else None,
+            "skipped": self.skipped,
+        }

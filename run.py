@@ -1,0 +1,35 @@
+"""jaxtune launcher: `python run.py [--config configs/NAME.py] [--config.KEY=VALUE ...]`.
+
+Without arguments it runs the demo (configs/demo.py). Run the same command on every host
+of a TPU pod; rerun it after a preemption to continue.
+"""
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CONFIG = os.path.join(ROOT, "configs", "demo.py")
+
+
+def main(argv):
+    from jaxtune.config import parse_args
+    from jaxtune.errors import exit_on_user_error
+
+    with exit_on_user_error():
+        config = parse_args(argv, DEFAULT_CONFIG)
+        from jaxtune.train import run
+
+        result = run(config)
+        if result.stop_reason == "preempted":
+            return 0
+        last_eval = next((r for r in reversed(result.history) if r.get("eval_loss") is not None), None)
+        summary = f"done: {result.step} steps ({result.stop_reason})"
+        if last_eval:
+            summary += f"; eval_loss {last_eval['eval_loss']:.4f}, eval_accuracy {last_eval['eval_accuracy']:.3f}"
+        print(summary + f"; outputs in {result.workdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
+    sys.exit(main(sys.argv[1:]))
