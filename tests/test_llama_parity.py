@@ -144,13 +144,14 @@ def test_unsupported_configs_are_refused_by_name(tmp_path, change, field):
 def test_packed_segments_equal_separate_runs(tmp_path):
     make_hf_llama(tmp_path, num_key_value_heads=2)
     model = jaxtune.from_pretrained(tmp_path)
-    a, b = _ids(1, 11, seed=1), _ids(1, 21, seed=2)
-    packed = np.concatenate([a, b, np.zeros((1, 8), int)], axis=1)  # 32 tokens, 8 of padding
-    segments = np.array([[1] * 11 + [2] * 21 + [0] * 8])
-    positions = np.array([list(range(11)) + list(range(21)) + list(range(8))])
+    # 160 positions: attention runs in query blocks of 64, and the segments straddle them.
+    a, b = _ids(1, 50, seed=1), _ids(1, 90, seed=2)
+    packed = np.concatenate([a, b, np.zeros((1, 20), int)], axis=1)
+    segments = np.array([[1] * 50 + [2] * 90 + [0] * 20])
+    positions = np.array([list(range(50)) + list(range(90)) + list(range(20))])
     out = np.asarray(model(jnp.asarray(packed), jnp.asarray(positions), jnp.asarray(segments)))
-    np.testing.assert_allclose(out[:, :11], np.asarray(model(jnp.asarray(a))), atol=1e-5)
-    np.testing.assert_allclose(out[:, 11:32], np.asarray(model(jnp.asarray(b))), atol=1e-5)
+    np.testing.assert_allclose(out[:, :50], np.asarray(model(jnp.asarray(a))), atol=1e-5)
+    np.testing.assert_allclose(out[:, 50:140], np.asarray(model(jnp.asarray(b))), atol=1e-5)
 
 
 def test_bf16_compute_with_fp32_params_stays_close(tmp_path):
