@@ -30,10 +30,12 @@ class TrainState:
 
     @classmethod
     def create(cls, params, opt_state, window: int) -> "TrainState":
-        zero = jnp.zeros((), jnp.int32)
+        def zero():  # distinct buffers: the state is donated, and a buffer can be donated once
+            return jnp.zeros((), jnp.int32)
+
         return cls(
-            step=zero, applied=zero, params=params, opt_state=opt_state,
-            loss_window=jnp.full((window,), jnp.nan, jnp.float32), skipped=zero, consecutive_skipped=zero,
+            step=zero(), applied=zero(), params=params, opt_state=opt_state,
+            loss_window=jnp.full((window,), jnp.nan, jnp.float32), skipped=zero(), consecutive_skipped=zero(),
         )
 
 
