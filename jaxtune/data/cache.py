@@ -1,0 +1,100 @@
+"""The tokenized-data cache: a restart loads rows instead of tokenizing again.
+
+An entry is keyed by everything that decides its rows: the data files (path, size,
+modification time), the tokenizer's content (vocabulary, merges, special tokens, chat
+template, turn-ending tokens), the settings that shape rows, the process slice and the
+pipeline version. It is written to a temporary directory and renamed into place, so a
+crash never leaves a half-written entry that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from jaxtune.data.rows import FIELDS, Rows
+
+# Bump when a change to the pipeline changes the rows it makes from the same inputs.
+PIPELINE_VERSION = 1
+
+
+def tokenizer_fingerprint(tokenizer, eos_ids: frozenset[int]) -> str:
+    h = hashlib.sha256()
+    for part in (
+        type(tokenizer).__name__,
+        tokenizer.backend_tokenizer.to_str(),
+        json.dumps(getattr(tokenizer, "chat_template", None), sort_keys=True),
+        json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str),
+        json.dumps(sorted(eos_ids)),
+    ):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def cache_key(inputs: dict) -> str:
+    """`inputs`: JSON-serialisable description of everything that decides the rows."""
+    text = json.dumps({"pipeline_version": PIPELINE_VERSION, **inputs}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def entry_dir(cache_dir: str, key: str) -> str:
+    return os.path.join(cache_dir, key)
+
+
+def load(cache_dir: str, key: str) -> tuple[Rows, Rows | None, dict] | None:
+    """(train, eval, report json) of a complete entry, or None (missing or unreadable: rebuild)."""
+    path = entry_dir(cache_dir, key)
+    if not os.path.isfile(os.path.join(path, "report.json")):
+        return None
+    try:
+        with open(os.path.join(path, "report.json")) as f:
+            report = json.load(f)
+        train = _load_rows(os.path.join(path, "train.npz"))
+        eval_file = os.path.join(path, "eval.npz")
+        eval_rows = _load_rows(eval_file) if os.path.isfile(eval_file) else None
+    except (OSError, ValueError, KeyError):
+        return None
+    return train, eval_rows, report
+
+
+def save(cache_dir: str, key: str, inputs: dict, train: Rows, eval_rows: Rows | None, report: dict) -> str:
+    """Writes an entry atomically (temp dir + rename); returns its directory."""
+    os.makedirs(cache_dir, exist_ok=True)
+    final = entry_dir(cache_dir, key)
+    tmp = tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=cache_dir)
+    try:
+        _save_rows(os.path.join(tmp, "train.npz"), train)
+        if eval_rows is not None:
+            _save_rows(os.path.join(tmp, "eval.npz"), eval_rows)
+        with open(os.path.join(tmp, "inputs.json"), "w") as f:  # for people: what this entry was made from
+            json.dump({"pipeline_version": PIPELINE_VERSION, **inputs}, f, indent=1, sort_keys=True)
+        with open(os.path.join(tmp, "report.json"), "w") as f:  # written last: marks the entry complete
+            json.dump(report, f, indent=1)
+        if os.path.isdir(final):  # an unreadable entry that load() refused
+            shutil.rmtree(final)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not os.path.isfile(os.path.join(final, "report.json")):
+                raise
+            shutil.rmtree(tmp)  # another process with the same key finished first
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _save_rows(path: str, rows: Rows) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, **{name: getattr(rows, name) for name in FIELDS})
+
+
+def _load_rows(path: str) -> Rows:
+    with np.load(path, allow_pickle=False) as z:
+        return Rows(*(z[name] for name in FIELDS))

@@ -1,0 +1,200 @@
+"""Record formats: detection from the keys, validation, and typed samples.
+
+A record becomes one of four sample types; everything after this module works on those
+types and never on raw dicts. Validation names the record's location and the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Union
+
+from jaxtune.data.records import BadRecord, Location
+
+# The fields a record must have, per format (and the order in which auto-detection tries them).
+REQUIRED_FIELDS = {
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+CHAT_ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    role: str  # system | user | assistant
+    content: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSample:
+    location: Location
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptCompletionSample:
+    location: Location
+    prompt: str
+    completion: str
+
+
+@dataclasses.dataclass(frozen=True)
+class AlpacaSample:
+    location: Location
+    instruction: str
+    input: str
+    output: str
+    system: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatSample:
+    location: Location
+    messages: tuple[Message, ...]
+    source_format: str  # sharegpt | messages
+
+
+Sample = Union[TextSample, PromptCompletionSample, AlpacaSample, ChatSample]
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One piece of text of a sample, for data-quality checks."""
+
+    name: str  # e.g. "completion", "messages[3].content"
+    text: str
+    trained: bool  # the model learns to produce it (when train_on_prompt is off)
+    optional: bool = False  # may be empty (alpaca input, system)
+
+
+def sample_fields(sample: Sample) -> list[Field]:
+    if isinstance(sample, TextSample):
+        return [Field("text", sample.text, True)]
+    if isinstance(sample, PromptCompletionSample):
+        return [Field("prompt", sample.prompt, False), Field("completion", sample.completion, True)]
+    if isinstance(sample, AlpacaSample):
+        return [
+            Field("system", sample.system, False, optional=True),
+            Field("instruction", sample.instruction, False),
+            Field("input", sample.input, False, optional=True),
+            Field("output", sample.output, True),
+        ]
+    key, content = ("conversations", "value") if sample.source_format == "sharegpt" else ("messages", "content")
+    return [
+        Field(f"{key}[{i}].{content}", m.content, m.role == "assistant", optional=m.role == "system")
+        for i, m in enumerate(sample.messages)
+    ]
+
+
+def sample_format(sample: Sample) -> str:
+    if isinstance(sample, ChatSample):
+        return sample.source_format
+    return {TextSample: "text", PromptCompletionSample: "prompt_completion", AlpacaSample: "alpaca"}[type(sample)]
+
+
+def detect_format(keys) -> str | None:
+    """The format whose required fields are all present (chat formats first), or None."""
+    keys = set(keys)
+    for fmt, required in REQUIRED_FIELDS.items():
+        if keys.issuperset(required):
+            return fmt
+    return None
+
+
+def parse_sample(value: Any, fmt: str, location: Location) -> Sample:
+    """Validates one record for `fmt`; raises BadRecord naming the field."""
+    if not isinstance(value, Mapping):
+        expected = "a JSON object" if fmt == "auto" else f"an object with the fields of format {fmt}"
+        raise BadRecord(location, f"the record is {describe_type(value)}, expected {expected}")
+    if fmt == "text":
+        return TextSample(location, _string(value, "text", location))
+    if fmt == "prompt_completion":
+        return PromptCompletionSample(
+            location, _string(value, "prompt", location), _string(value, "completion", location)
+        )
+    if fmt == "alpaca":
+        return AlpacaSample(
+            location,
+            instruction=_string(value, "instruction", location),
+            input=_string(value, "input", location, optional=True),
+            output=_string(value, "output", location),
+            system=_string(value, "system", location, optional=True),
+        )
+    if fmt == "sharegpt":
+        turns = _turns(value, "conversations", location)
+        messages = []
+        for i, turn in enumerate(turns):
+            where = f"conversations[{i}]"
+            speaker = _string(turn, "from", location, prefix=where)
+            if speaker not in SHAREGPT_ROLES:
+                raise BadRecord(
+                    location,
+                    f"field '{where}.from' has unknown role {speaker!r} (expected one of {', '.join(SHAREGPT_ROLES)})",
+                    f"{where}.from",
+                )
+            messages.append(Message(SHAREGPT_ROLES[speaker], _string(turn, "value", location, prefix=where)))
+        return ChatSample(location, tuple(messages), "sharegpt")
+    if fmt == "messages":
+        turns = _turns(value, "messages", location)
+        messages = []
+        for i, turn in enumerate(turns):
+            where = f"messages[{i}]"
+            role = _string(turn, "role", location, prefix=where)
+            if role not in CHAT_ROLES:
+                raise BadRecord(
+                    location,
+                    f"field '{where}.role' has unknown role {role!r} (expected one of {', '.join(CHAT_ROLES)})",
+                    f"{where}.role",
+                )
+            messages.append(Message(role, _string(turn, "content", location, prefix=where)))
+        return ChatSample(location, tuple(messages), "messages")
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def describe_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
+def _string(record: Any, key: str, location: Location, optional: bool = False, prefix: str = "") -> str:
+    name = f"{prefix}.{key}" if prefix else key
+    if not isinstance(record, Mapping):
+        raise BadRecord(location, f"field '{prefix}' is {describe_type(record)}, expected an object", prefix)
+    value = record.get(key)
+    if value is None:
+        if optional:
+            return ""
+        if key in record:
+            raise BadRecord(location, f"field '{name}' is null, expected a string", name)
+        raise BadRecord(location, f"missing field '{name}'", name)
+    if not isinstance(value, str):
+        raise BadRecord(location, f"field '{name}' is {describe_type(value)}, expected a string", name)
+    return value
+
+
+def _turns(record: Mapping, key: str, location: Location) -> list:
+    value = record.get(key)
+    if value is None:
+        if key in record:
+            raise BadRecord(location, f"field '{key}' is null, expected a list of turns", key)
+        raise BadRecord(location, f"missing field '{key}'", key)
+    if not isinstance(value, (list, tuple)):
+        raise BadRecord(location, f"field '{key}' is {describe_type(value)}, expected a list of turns", key)
+    if not value:
+        raise BadRecord(location, f"field '{key}' is an empty list; a conversation needs at least one turn", key)
+    return list(value)

@@ -1,0 +1,185 @@
+"""prepare_datasets: files -> validated samples -> token ids and masks -> rows, cached.
+
+Every process parses and validates every record (cheap), so a bad record stops all hosts
+with the same message and the eval hold-out is the same everywhere; each process then
+renders, tokenizes and packs only its own slice (the expensive part): record i of a split
+belongs to process i % process_count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+
+from jaxtune.data import cache
+from jaxtune.data.formats import Sample
+from jaxtune.data.packing import pack
+from jaxtune.data.readers import resolve_files
+from jaxtune.data.records import BadRecord
+from jaxtune.data.report import DataReport, SplitStats
+from jaxtune.data.rows import Rows
+from jaxtune.data.samples import ReadResult, handle_bad, read_samples
+from jaxtune.data.settings import DataSettings
+from jaxtune.data.tokenize import SampleEncoder, TokenizedSample, eos_token_ids
+from jaxtune.errors import UserError
+
+ENCODE_BATCH = 1024  # samples per batched template render and tokenizer call
+_HOLDOUT_STREAM = 0x5EED_E7A1  # keeps the hold-out draw apart from the loader's shuffles
+
+
+@dataclasses.dataclass
+class PreparedData:
+    train: Rows
+    eval: Rows | None
+    report: DataReport
+
+
+def prepare_datasets(
+    settings: DataSettings,
+    tokenizer,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    log: Callable[[str], None] = print,
+) -> PreparedData:
+    """Reads, validates, tokenizes, masks, truncates and packs this process's slice of the data.
+
+    The result is cached under `settings.cache_dir`; the cache is written only after
+    success, so a UserError leaves nothing behind.
+    """
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+    if not settings.train_files:
+        raise UserError("data.train_files must list at least one file, glob or directory.")
+    train_files = resolve_files(settings.train_files, "data.train_files")
+    eval_files = resolve_files(settings.eval_files, "data.eval_files")
+    eos_ids = eos_token_ids(tokenizer, settings.tokenizer_path)
+
+    key_inputs = {
+        "train_files": [f.identity() for f in train_files],
+        "eval_files": [f.identity() for f in eval_files],
+        "tokenizer": cache.tokenizer_fingerprint(tokenizer, eos_ids),
+        "settings": {
+            k: v for k, v in dataclasses.asdict(settings).items()
+            if k not in ("train_files", "eval_files", "tokenizer_path", "cache_dir")
+        },
+        "process": [process_index, process_count],
+    }
+    key = cache.cache_key(key_inputs)
+    if settings.cache_dir:
+        hit = cache.load(settings.cache_dir, key)
+        if hit is not None:
+            train, eval_rows, report_json = hit
+            report = DataReport.from_json(report_json)
+            report.cache_hit = True
+            log(f"data: cache hit, loaded {len(train):,} train rows from {cache.entry_dir(settings.cache_dir, key)}")
+            return PreparedData(train, eval_rows, report)
+        log(f"data: cache miss, reading and tokenizing (cache: {settings.cache_dir})")
+
+    eval_source = "files" if eval_files else ("held out" if settings.eval_fraction > 0 else "none")
+    report = DataReport(settings.max_seq_len, settings.packing, process_index, process_count, eval_source)
+    on_skip = lambda bad: report.add_bad(str(bad))  # noqa: E731
+    train = read_samples(train_files, settings.format, settings.on_bad_record, "train", on_skip)
+    report.files.extend(train.files)
+    _check_not_empty(train, "data.train_files")
+    train_samples, eval_samples = train.samples, None
+    if eval_files:
+        ev = read_samples(eval_files, settings.format, settings.on_bad_record, "eval", on_skip)
+        report.files.extend(ev.files)
+        _check_not_empty(ev, "data.eval_files")
+        eval_samples = ev.samples
+    elif settings.eval_fraction > 0:
+        train_samples, eval_samples = hold_out(train.samples, settings.eval_fraction, settings.seed)
+
+    encoder = SampleEncoder(tokenizer, train_on_prompt=settings.train_on_prompt, eos_ids=eos_ids)
+    train_rows = _build(train_samples[process_index::process_count], encoder, settings, report.train, on_skip)
+    if report.train.samples == 0:
+        raise UserError(_all_dropped("train", report.train, settings, process_count))
+    eval_rows = None
+    if eval_samples is not None:
+        report.eval = SplitStats()
+        eval_rows = _build(eval_samples[process_index::process_count], encoder, settings, report.eval, on_skip)
+        if report.eval.records and report.eval.samples == 0:
+            raise UserError(_all_dropped("eval", report.eval, settings, process_count))
+
+    if settings.cache_dir:
+        path = cache.save(settings.cache_dir, key, key_inputs, train_rows, eval_rows, report.to_json())
+        log(f"data: cached in {path}")
+    return PreparedData(train_rows, eval_rows, report)
+
+
+def hold_out(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """(train, eval): round(fraction x N) records (at least one) drawn by `seed`; order kept."""
+    n = len(samples)
+    n_eval = max(1, int(round(fraction * n)))
+    if n_eval >= n:
+        raise UserError(
+            f"data.eval_fraction={fraction} of {n} record(s) leaves no training records; "
+            "add data or set data.eval_files."
+        )
+    rng = np.random.default_rng([_HOLDOUT_STREAM, seed % 2**63])
+    is_eval = np.zeros(n, bool)
+    is_eval[rng.permutation(n)[:n_eval]] = True
+    return [s for s, e in zip(samples, is_eval) if not e], [s for s, e in zip(samples, is_eval) if e]
+
+
+def truncate(sample: TokenizedSample, settings: DataSettings, stats: SplitStats) -> TokenizedSample | None:
+    """Applies data.truncation and drops samples without a trained token; counts both."""
+    if len(sample.ids) > settings.max_seq_len:
+        if settings.truncation == "drop":
+            stats.dropped_too_long += 1
+            return None
+        stats.truncated += 1
+        n = settings.max_seq_len
+        sample = TokenizedSample(sample.location, sample.ids[:n], sample.mask[:n])
+    if sample.num_trained == 0:
+        stats.dropped_no_trained_tokens += 1
+        return None
+    return sample
+
+
+def _build(
+    samples: Sequence[Sample], encoder: SampleEncoder, settings: DataSettings, stats: SplitStats, on_skip
+) -> Rows:
+    stats.records = len(samples)
+    kept: list[TokenizedSample] = []
+    for start in range(0, len(samples), ENCODE_BATCH):
+        for result in encoder.encode(samples[start:start + ENCODE_BATCH]):
+            if isinstance(result, BadRecord):
+                stats.bad_records += 1
+                handle_bad(result, settings.on_bad_record, on_skip)
+                continue
+            sample = truncate(result, settings, stats)
+            if sample is not None:
+                kept.append(sample)
+    rows = pack(kept, settings.max_seq_len, settings.packing)
+    stats.samples = len(kept)
+    stats.rows = len(rows)
+    stats.tokens = rows.num_tokens
+    stats.trained_tokens = rows.num_trained_tokens
+    return rows
+
+
+def _check_not_empty(read: ReadResult, key: str) -> None:
+    if not read.samples:
+        bad = sum(f.bad_records for f in read.files)
+        raise UserError(f"{key} has no valid records: all {bad:,} record(s) are bad, the first: {read.first_bad}.")
+
+
+def _all_dropped(split: str, stats: SplitStats, settings: DataSettings, process_count: int) -> str:
+    where = f"in this process's slice of {process_count}" if process_count > 1 else ""
+    reasons = []
+    if stats.dropped_too_long:
+        reasons.append(f"{stats.dropped_too_long:,} longer than data.max_seq_len={settings.max_seq_len}")
+    if stats.dropped_no_trained_tokens:
+        reasons.append(f"{stats.dropped_no_trained_tokens:,} with no trained token left")
+    if stats.bad_records:
+        reasons.append(f"{stats.bad_records:,} the chat template could not render")
+    if not stats.records:
+        return f"no {split} records {where}: there are fewer records than processes.".replace("  ", " ")
+    return (
+        f"all {stats.records:,} {split} sample(s) {where} were dropped ({', '.join(reasons)}); "
+        "raise data.max_seq_len, use data.truncation=truncate, or fix the data."
+    ).replace("  ", " ")

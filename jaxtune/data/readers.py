@@ -1,0 +1,209 @@
+"""Finding data files and reading their records, each with its location.
+
+JSON and JSONL are parsed here, line by line, so that a malformed line is reported as
+`FILE:LINE` and can be skipped; CSV goes through the `csv` module (every value a string, and
+the line where each row starts), Parquet through pyarrow and `save_to_disk` directories
+through `datasets`. None of them writes anything (no Arrow cache files).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import json
+import os
+import sys
+from typing import Iterator
+
+from jaxtune.data.records import BadRecord, Location, Record
+from jaxtune.errors import UserError
+
+FILE_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+_BATCH = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceFile:
+    path: str
+    kind: str  # jsonl | json | csv | parquet | arrow (a datasets.save_to_disk directory)
+
+    def columns(self) -> tuple[str, ...] | None:
+        """Column names of a table (CSV, Parquet, Arrow); None for JSON, whose records vary."""
+        if self.kind == "csv":
+            with _open_text(self.path) as f:
+                try:
+                    header = next(csv.reader(f), None)
+                except (csv.Error, UnicodeDecodeError) as e:
+                    raise UserError(f"{self.path}: cannot read the CSV header ({e}).") from None
+            return tuple(header or ())
+        if self.kind == "parquet":
+            return tuple(_parquet_file(self.path).schema_arrow.names)
+        if self.kind == "arrow":
+            return tuple(_load_arrow_dir(self.path).column_names)
+        return None
+
+    def records(self) -> Iterator[Record | BadRecord]:
+        """Every record in file order; a record that cannot be parsed comes as a BadRecord.
+        Raises UserError for what cannot be skipped (an unreadable or empty file)."""
+        reader = {
+            "jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv,
+            "parquet": _read_parquet, "arrow": _read_arrow,
+        }[self.kind]
+        count = 0
+        for record in reader(self.path):
+            count += 1
+            yield record
+        if count == 0:
+            raise UserError(f"{self.path} is empty: it has no records.")
+
+    def identity(self) -> list:
+        """Path, size and modification time of every file it reads: a change means re-reading."""
+        paths = [self.path]
+        if self.kind == "arrow":
+            paths = sorted(
+                os.path.join(root, name) for root, _, names in os.walk(self.path) for name in names
+            )
+        out = []
+        for p in paths:
+            st = os.stat(p)
+            out.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
+        return out
+
+
+def resolve_files(specs: tuple[str, ...], key: str) -> list[SourceFile]:
+    """Expands files, globs and `save_to_disk` directories (in the order given, globs sorted)."""
+    files: list[SourceFile] = []
+    seen: set[str] = set()
+    for spec in specs:
+        if glob.has_magic(spec):
+            matches = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
+            if not matches:
+                raise UserError(f"{key}: the glob {spec!r} matches no files.")
+        else:
+            matches = [os.path.expanduser(spec)]
+            if not os.path.exists(matches[0]):
+                raise UserError(f"{key}: {spec} does not exist.")
+        for path in matches:
+            if path not in seen:
+                seen.add(path)
+                files.append(_source(path, key))
+    return files
+
+
+def _source(path: str, key: str) -> SourceFile:
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "dataset_dict.json")):
+            splits = sorted(n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n)))
+            raise UserError(
+                f"{key}: {path} holds several splits ({', '.join(splits)}); name one of them, "
+                f"e.g. {os.path.join(path, splits[0] if splits else 'train')}."
+            )
+        if os.path.isfile(os.path.join(path, "state.json")):
+            return SourceFile(path, "arrow")
+        raise UserError(
+            f"{key}: {path} is a directory but not a dataset saved with datasets.save_to_disk; "
+            f"name its files or a glob such as {os.path.join(path, '*.jsonl')}."
+        )
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in FILE_KINDS:
+        raise UserError(
+            f"{key}: cannot read {path}: unsupported file type {ext or '(no extension)'!r} "
+            f"(supported: {', '.join(FILE_KINDS)}, or a datasets.save_to_disk directory)."
+        )
+    return SourceFile(path, FILE_KINDS[ext])
+
+
+def _open_text(path: str):
+    return open(path, encoding="utf-8", newline="")
+
+
+def _read_jsonl(path: str) -> Iterator[Record | BadRecord]:
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            location = Location(path, line=number)
+            try:
+                yield Record(location, json.loads(raw))
+            except UnicodeDecodeError:
+                yield BadRecord(location, "the line is not valid UTF-8 text")
+            except json.JSONDecodeError as e:
+                yield BadRecord(location, f"malformed JSON ({e.msg} at column {e.colno})")
+
+
+def _read_json(path: str) -> Iterator[Record | BadRecord]:
+    """A JSON array of records; a `.json` file that is not an array is read as JSON lines."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith(b"\xef\xbb\xbf"):
+        head = head[3:].lstrip()
+    if not head.startswith(b"["):
+        yield from _read_jsonl(path)
+        return
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            items = json.load(f)
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not valid UTF-8 text.") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno}).") from None
+    for index, value in enumerate(items):
+        yield Record(Location(path, item=index), value)
+
+
+def _read_csv(path: str) -> Iterator[Record | BadRecord]:
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long texts exceed the 128 KiB default
+    try:
+        with _open_text(path) as f:
+            reader = csv.DictReader(f)
+            line = reader.line_num + 1
+            for row in reader:
+                location = Location(path, line=line)
+                line = reader.line_num + 1
+                columns = len(reader.fieldnames)
+                have = columns + len(row[None]) if None in row else sum(v is not None for v in row.values())
+                if have != columns:
+                    yield BadRecord(location, f"the row has {have} value(s) but the header has {columns} columns")
+                else:
+                    yield Record(location, row)
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not valid UTF-8 text.") from None
+    except csv.Error as e:
+        raise UserError(f"{path}:{reader.line_num}: malformed CSV ({e}).") from None
+
+
+def _parquet_file(path: str):
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except (pyarrow.ArrowException, OSError) as e:
+        raise UserError(f"{path}: cannot read Parquet file ({e}).") from None
+
+
+def _read_parquet(path: str) -> Iterator[Record | BadRecord]:
+    row = 0
+    for batch in _parquet_file(path).iter_batches(batch_size=_BATCH):
+        for value in batch.to_pylist():
+            yield Record(Location(path, row=row), value)
+            row += 1
+
+
+def _load_arrow_dir(path: str):
+    import datasets
+
+    try:
+        return datasets.load_from_disk(path)
+    except Exception as e:  # datasets raises several types for a damaged directory
+        raise UserError(f"{path}: cannot load the datasets.save_to_disk directory ({e}).") from None
+
+
+def _read_arrow(path: str) -> Iterator[Record | BadRecord]:
+    table = _load_arrow_dir(path).data  # an Arrow table; save_to_disk already applied any index mapping
+    row = 0
+    for batch in table.to_batches(max_chunksize=_BATCH):
+        for value in batch.to_pylist():
+            yield Record(Location(path, row=row), value)
+            row += 1

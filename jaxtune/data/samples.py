@@ -1,0 +1,97 @@
+"""Files -> validated samples: the format of each file, and the bad-record policy."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from jaxtune.data.formats import REQUIRED_FIELDS, Sample, detect_format, parse_sample
+from jaxtune.data.readers import SourceFile
+from jaxtune.data.records import BadRecord, Record
+from jaxtune.data.report import FileStats
+from jaxtune.errors import UserError
+
+
+@dataclasses.dataclass
+class ReadResult:
+    samples: list[Sample]
+    files: list[FileStats]
+    first_bad: str | None = None  # the first skipped record's message
+
+
+def _expected() -> str:
+    options = [f"{'+'.join(map(repr, fields))} ({fmt})" for fmt, fields in REQUIRED_FIELDS.items()]
+    return ", ".join(options[:-1]) + " or " + options[-1]
+
+
+def handle_bad(bad: BadRecord, on_bad_record: str, on_skip: Callable[[BadRecord], None]) -> None:
+    """Stops with the record's message, or counts it and goes on."""
+    if on_bad_record == "error":
+        raise UserError(f"{bad}; set data.on_bad_record=skip to skip bad records.")
+    on_skip(bad)
+
+
+def read_samples(
+    files: list[SourceFile], fmt: str, on_bad_record: str, split: str, on_skip: Callable[[BadRecord], None]
+) -> ReadResult:
+    """Every valid sample of `files`, in order. The format is `fmt`, or per file (with "auto")
+    from a table's columns or the keys of the first JSON record."""
+    result = ReadResult([], [])
+
+    def skip(bad: BadRecord) -> None:
+        result.first_bad = result.first_bad or str(bad)
+        on_skip(bad)
+
+    for source in files:
+        stats = FileStats(source.path, split, fmt)
+        columns = source.columns()
+        if columns is not None:
+            stats.format = _table_format(source, columns, fmt)
+        for record in source.records():
+            if not isinstance(record, BadRecord):
+                if stats.format == "auto":
+                    stats.format = _json_format(record)
+                try:
+                    sample = parse_sample(record.value, stats.format, record.location)
+                except BadRecord as bad:
+                    record = bad
+                else:
+                    result.samples.append(sample)
+                    stats.records += 1
+                    continue
+            stats.bad_records += 1
+            handle_bad(record, on_bad_record, skip)
+        result.files.append(stats)
+    return result
+
+
+def _json_format(record: Record) -> str:
+    """The format of a JSON file, from its first record's keys ("auto" while that is not an object)."""
+    if not isinstance(record.value, dict):
+        return "auto"  # parse_sample reports the record
+    fmt = detect_format(record.value.keys())
+    if fmt is None:
+        keys = ", ".join(map(str, record.value.keys())) or "none"
+        raise UserError(
+            f"{record.location}: cannot tell the format of {record.location.path} from the keys of its first "
+            f"record ({keys}); expected {_expected()}; or set data.format."
+        )
+    return fmt
+
+
+def _table_format(source: SourceFile, columns: tuple[str, ...], fmt: str) -> str:
+    if fmt == "auto":
+        detected = detect_format(columns)
+        if detected is None:
+            raise UserError(
+                f"{source.path}: cannot tell the format from its columns ({', '.join(columns) or 'none'}); "
+                f"expected {_expected()}; or set data.format."
+            )
+        return detected
+    missing = [c for c in REQUIRED_FIELDS[fmt] if c not in columns]
+    if missing:
+        raise UserError(
+            f"{source.path} has no column {missing[0]!r}, which format {fmt} needs "
+            f"(its columns: {', '.join(columns) or 'none'})."
+        )
+    return fmt

@@ -1,0 +1,96 @@
+"""The tokenized-data cache: hits without tokenizing, misses when anything that shapes rows changes."""
+
+import os
+
+import pytest
+from data_helpers import llama3_dir, make_tokenizer, settings, write_jsonl  # noqa: F401
+
+from jaxtune.data import load_tokenizer, prepare_datasets
+from jaxtune.data.tokenize import SampleEncoder
+
+CHATS = [
+    {"messages": [{"role": "user", "content": f"hello {i}"}, {"role": "assistant", "content": "world " * (i + 1)}]}
+    for i in range(6)
+]
+
+
+@pytest.fixture
+def tokenize_calls(monkeypatch):
+    calls = []
+    original = SampleEncoder.tokenize
+
+    def counting(self, samples, plans):
+        calls.append(len(samples))
+        return original(self, samples, plans)
+
+    monkeypatch.setattr(SampleEncoder, "tokenize", counting)
+    return calls
+
+
+def prepare(s, tok_dir, **kw):
+    log = []
+    got = prepare_datasets(s, load_tokenizer(tok_dir), log=log.append, **kw)
+    return got, " ".join(log)
+
+
+def test_second_call_hits_the_cache(tmp_path, llama3_dir, tokenize_calls):
+    data = write_jsonl(tmp_path / "d.jsonl", CHATS)
+    s = settings(data, llama3_dir, cache_dir=str(tmp_path / "cache"), eval_fraction=0.3)
+    first, log = prepare(s, llama3_dir)
+    assert "cache miss" in log and not first.report.cache_hit
+    assert tokenize_calls == [4, 2]  # train and eval were tokenized
+
+    second, log = prepare(s, llama3_dir)
+    assert "cache hit" in log and second.report.cache_hit
+    assert tokenize_calls == [4, 2]  # nothing tokenized again
+    assert second.train.equals(first.train) and second.eval.equals(first.eval)
+    assert second.report.to_json() == {**first.report.to_json(), "cache_hit": True}
+    assert [n for n in os.listdir(tmp_path / "cache") if n.startswith(".")] == []  # no temp dirs left
+
+
+def test_changes_miss_the_cache(tmp_path, llama3_dir, tokenize_calls):
+    data = write_jsonl(tmp_path / "d.jsonl", CHATS)
+    cache_dir = str(tmp_path / "cache")
+    base = settings(data, llama3_dir, cache_dir=cache_dir)
+    prepare(base, llama3_dir)
+
+    _, log = prepare(settings(data, llama3_dir, cache_dir=cache_dir, max_seq_len=32), llama3_dir)
+    assert "cache miss" in log
+    _, log = prepare(settings(data, llama3_dir, cache_dir=cache_dir, train_on_prompt=True), llama3_dir)
+    assert "cache miss" in log
+    _, log = prepare(base, llama3_dir, process_index=1, process_count=2)
+    assert "cache miss" in log
+
+    other_tok = tmp_path / "tok_chatml"
+    make_tokenizer(other_tok, "chatml", generation_eos=("<|end_of_text|>", "<|eot_id|>"))
+    _, log = prepare(settings(data, str(other_tok), cache_dir=cache_dir), str(other_tok))
+    assert "cache miss" in log
+
+    _, log = prepare(base, llama3_dir)
+    assert "cache hit" in log
+    write_jsonl(data, CHATS[:5])  # the data file changed
+    changed, log = prepare(base, llama3_dir)
+    assert "cache miss" in log and changed.report.train.records == 5
+    _, log = prepare(base, llama3_dir)
+    assert "cache hit" in log
+    assert len(os.listdir(cache_dir)) == 6  # one entry per distinct input
+
+
+def test_damaged_entry_is_rebuilt(tmp_path, llama3_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", CHATS)
+    s = settings(data, llama3_dir, cache_dir=str(tmp_path / "cache"))
+    first, _ = prepare(s, llama3_dir)
+    (entry,) = os.listdir(tmp_path / "cache")
+    with open(tmp_path / "cache" / entry / "train.npz", "wb") as f:
+        f.write(b"truncated")
+    again, log = prepare(s, llama3_dir)
+    assert "cache miss" in log and again.train.equals(first.train)
+    third, log = prepare(s, llama3_dir)
+    assert "cache hit" in log and third.train.equals(first.train)
+
+
+def test_no_cache_dir_writes_nothing(tmp_path, llama3_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", CHATS)
+    before = sorted(os.listdir(tmp_path))
+    _, log = prepare(settings(data, llama3_dir, cache_dir=""), llama3_dir)
+    assert "cache" not in log and sorted(os.listdir(tmp_path)) == before

@@ -1,0 +1,132 @@
+"""tools/check_data.py finds planted duplicates, contamination and empty completions, exactly."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+from data_helpers import WORDS, llama3_dir, plain_dir, write_jsonl  # noqa: F401
+
+from jaxtune.data.quality import normalise
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import check_data  # noqa: E402
+
+
+def clean_records(n, seed):
+    rng = random.Random(seed)
+    words = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
+    return [{"instruction": words(rng.randint(4, 10)), "input": "", "output": words(rng.randint(3, 9))}
+            for _ in range(n)]
+
+
+@pytest.fixture
+def planted(tmp_path):
+    train = clean_records(30, seed=1)
+    passage = " ".join(WORDS[10:30])  # 20 words, in one train record only
+    train[7]["output"] = passage
+    lines = list(train)
+    lines += [dict(train[0]), dict(train[1]), dict(train[1])]  # 3 exact duplicates
+    lines += [{**train[2], "instruction": train[2]["instruction"].upper() + "!"},  # 2 near duplicates
+              {**train[3], "output": "  " + train[3]["output"].replace(" ", "   ") + " ."}]
+    lines += [{"instruction": "what is blue", "input": "", "output": ""},  # 2 empty completions
+              {"instruction": "what is red", "input": "", "output": " \n "}]
+    lines += ['{"instruction": "broken', {"instruction": "no output"}]  # 2 invalid records (lines 38, 39)
+    evals = clean_records(6, seed=2)
+    evals += [{**train[4], "output": train[4]["output"].title()}, dict(train[5])]  # 2 in train (normalised)
+    evals += [{"instruction": "quote", "input": "", "output": "so " + passage + " end"}]  # 1 contaminated
+    return write_jsonl(tmp_path / "train.jsonl", lines), write_jsonl(tmp_path / "eval.jsonl", evals)
+
+
+def test_normalise():
+    assert normalise("  Hello,   WORLD!\n") == "hello world"
+    assert normalise("don't stop") == "dont stop"
+
+
+def test_planted_problems_are_counted_exactly(tmp_path, llama3_dir, planted):
+    train, evals = planted
+    out = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "tools/check_data.py", "--data", train, "--eval", evals, "--tokenizer", llama3_dir,
+         "--max-seq-len", "256", "--out", str(out), "--show", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # errors found
+    report = json.loads(out.read_text())
+    t = report["train"]
+    assert t["records"] == 37 and t["invalid_records"] == 2
+    assert [e.split(": ")[0] for e in t["invalid_examples"]] == [f"{train}:38", f"{train}:39"]
+    assert "missing field 'output'" in t["invalid_examples"][1]
+    assert t["exact_duplicates"] == 3 and t["near_duplicates"] == 2
+    assert t["empty_fields"] == {"output": 2}
+    assert t["records_per_format"] == {"alpaca": 37}
+    assert t["truncation"]["dropped_no_trained_tokens"] == 0  # an empty completion still trains its EOS
+    assert report["overlap"] == {
+        "ngram": 13, "exact": 2, "ngram_matches": 1,
+        "examples": [f"{evals}:7 = {train}:5", f"{evals}:8 = {train}:6", f"{evals}:9 ~ {train}:8"],
+    }
+    kinds = {f["kind"]: (f["severity"], f["count"]) for f in report["findings"]}
+    assert kinds == {
+        "train_invalid_records": ("error", 2), "train_empty_completions": ("error", 2),
+        "train_exact_duplicates": ("warning", 3), "train_near_duplicates": ("warning", 2),
+        "eval_in_train": ("error", 2), "eval_ngram_overlap": ("warning", 1),
+    }
+    assert report["num_errors"] == 3 and report["num_warnings"] == 3
+    # --show renders the first sample with its trained tokens marked.
+    assert f"--- {train}:1 (" in proc.stdout
+    assert "[[" + json.loads(open(train).readline())["output"] + "<|eot_id|>]]" in proc.stdout
+    assert "result: 3 error(s), 3 warning(s)" in proc.stdout
+
+
+def test_lengths_and_warnings_only_exit_zero(tmp_path, plain_dir, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": " ".join(WORDS[:n])} for n in (2, 4, 8, 40)])
+    out = tmp_path / "r.json"
+    code = check_data.main(["--data", data, "--tokenizer", plain_dir, "--max-seq-len", "16", "--out", str(out)])
+    assert code == 0  # one sample too long: a warning
+    t = json.loads(out.read_text())["train"]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(plain_dir)
+    lengths = sorted(len(tok(" ".join(WORDS[:n]))["input_ids"]) + 1 for n in (2, 4, 8, 40))
+    assert t["token_lengths"]["min"] == lengths[0] and t["token_lengths"]["max"] == lengths[-1]
+    assert t["longer_than_max_seq_len"] == 1 and t["truncation"]["truncated"] == 1
+    assert t["trained_tokens"]["max"] == 15  # the truncated sample: 16 tokens, the first is not a target
+    assert "would be truncated" in capsys.readouterr().out
+
+    code = check_data.main(["--data", data, "--tokenizer", plain_dir, "--max-seq-len", "16", "--truncation", "drop",
+                            "--out", str(out)])
+    assert code == 0 and json.loads(out.read_text())["train"]["truncation"]["dropped_too_long"] == 1
+
+
+def test_config_recipe_and_flag_overrides(tmp_path, plain_dir):
+    records = [{"prompt": "hello", "completion": ""}, {"prompt": "a", "completion": "b"}]
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(
+        "from jaxtune.config import defaults\n"
+        "def get_config():\n"
+        "    c = defaults()\n"
+        f"    c.model.hf_path = {plain_dir!r}\n"
+        f"    c.data.train_files = ({data!r},)\n"
+        "    c.data.max_seq_len = 64\n"
+        "    return c\n"
+    )
+    out = tmp_path / "r.json"
+    assert check_data.main(["--config", str(recipe), "--out", str(out)]) == 1  # an empty completion
+    report = json.loads(out.read_text())
+    assert report["max_seq_len"] == 64 and report["tokenizer"] == plain_dir
+    assert report["train"]["empty_fields"] == {"completion": 1}
+    assert check_data.main(["--config", str(recipe), "--max-seq-len", "32", "--out", str(out)]) == 1
+    assert json.loads(out.read_text())["max_seq_len"] == 32
+
+
+def test_unusable_input_exits_2_without_traceback(tmp_path, plain_dir):
+    proc = subprocess.run(
+        [sys.executable, "tools/check_data.py", "--data", str(tmp_path / "missing.jsonl"), "--tokenizer", plain_dir],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: --data: {tmp_path / 'missing.jsonl'} does not exist."

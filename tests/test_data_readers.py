@@ -1,0 +1,103 @@
+"""Every file kind gives the same samples as JSONL; globs, several files, save_to_disk directories."""
+
+import csv
+import json
+import os
+
+import pytest
+from data_helpers import llama3_dir, settings, trained_segments, write_jsonl  # noqa: F401
+
+from jaxtune.data import load_tokenizer, prepare_datasets
+from jaxtune.data.readers import SourceFile, resolve_files
+
+ALPACA = [
+    {"instruction": "translate into french", "input": "the cat", "output": "le chat"},
+    {"instruction": "say hello", "input": "", "output": "hello world"},
+    {"instruction": "capital of france?", "input": "", "output": "paris"},
+]
+CHATS = [
+    {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]},
+    {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "two plus four"},
+                  {"role": "assistant", "content": "six"}]},
+]
+
+
+def rows_of(files, tok_dir, **kw):
+    tok = load_tokenizer(tok_dir)
+    return prepare_datasets(settings(files, tok_dir, **kw), tok, log=lambda m: None)
+
+
+def write_json_array(path, records):
+    with open(path, "w") as f:
+        json.dump(records, f, indent=2)
+    return str(path)
+
+
+def write_csv(path, records):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(records[0]))
+        w.writeheader()
+        w.writerows(records)
+    return str(path)
+
+
+def write_parquet(path, records):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(records), path)
+    return str(path)
+
+
+def save_to_disk(path, records):
+    import datasets
+
+    datasets.Dataset.from_list(records).save_to_disk(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["json", "csv", "parquet", "arrow", "json_lines_in_json"])
+def test_every_file_kind_reads_like_jsonl(tmp_path, llama3_dir, kind):
+    reference = rows_of([write_jsonl(tmp_path / "ref.jsonl", ALPACA)], llama3_dir)
+    path = {
+        "json": lambda: write_json_array(tmp_path / "a.json", ALPACA),
+        "csv": lambda: write_csv(tmp_path / "a.csv", ALPACA),
+        "parquet": lambda: write_parquet(tmp_path / "a.parquet", ALPACA),
+        "arrow": lambda: save_to_disk(tmp_path / "saved", ALPACA),
+        "json_lines_in_json": lambda: write_jsonl(tmp_path / "lines.json", ALPACA),
+    }[kind]()
+    before = sorted(os.listdir(tmp_path))
+    got = rows_of([path], llama3_dir)
+    assert got.train.equals(reference.train)
+    assert got.report.records_per_format() == {"alpaca": 3}
+    assert sorted(os.listdir(tmp_path)) == before  # reading wrote nothing next to the data
+
+
+@pytest.mark.parametrize("kind", ["parquet", "arrow"])
+def test_nested_chat_columns(tmp_path, llama3_dir, kind):
+    reference = rows_of([write_jsonl(tmp_path / "ref.jsonl", CHATS)], llama3_dir)
+    path = write_parquet(tmp_path / "c.parquet", CHATS) if kind == "parquet" else save_to_disk(tmp_path / "c", CHATS)
+    assert rows_of([path], llama3_dir).train.equals(reference.train)
+
+
+def test_globs_and_several_files_in_order(tmp_path, llama3_dir):
+    (tmp_path / "d").mkdir()
+    a = write_jsonl(tmp_path / "d" / "part-0.jsonl", ALPACA[:2])
+    b = write_jsonl(tmp_path / "d" / "part-1.jsonl", CHATS)
+    tok = load_tokenizer(llama3_dir)
+    listed = rows_of([a, b], llama3_dir, packing=False)
+    globbed = rows_of([str(tmp_path / "d" / "part-*.jsonl")], llama3_dir, packing=False)
+    assert globbed.train.equals(listed.train)
+    assert globbed.report.records_per_format() == {"alpaca": 2, "messages": 2}
+    assert trained_segments(listed.train, tok) == [
+        "le chat<|eot_id|>", "hello world<|eot_id|>", "world<|eot_id|>", "six<|eot_id|>",
+    ]
+
+
+def test_resolve_files_kinds_and_identity(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", ALPACA)
+    saved = save_to_disk(tmp_path / "saved", ALPACA)
+    files = resolve_files((a, saved, str(tmp_path / "*.jsonl")), "data.train_files")
+    assert files == [SourceFile(a, "jsonl"), SourceFile(saved, "arrow")]  # the glob repeats a.jsonl: read once
+    identity = files[1].identity()
+    assert len(identity) >= 2 and all(os.path.isabs(p) for p, _, _ in identity)

@@ -1,0 +1,99 @@
+"""Checks training data before an expensive run: what would be trained, and what is wrong.
+
+    python tools/check_data.py --data train.jsonl [--eval eval.jsonl] --tokenizer DIR --max-seq-len 2048
+    python tools/check_data.py --config configs/llama3_8b_sft.py [--show 3] [--out report.json]
+
+Reports records per format, invalid records with their locations, exact and near
+duplicates, the token-length distribution and how many samples would be truncated or
+dropped, trained tokens per sample, samples with no trained token, empty fields, and
+train/eval overlap (contamination). `--show K` prints K samples with the trained tokens
+marked. Exit code: 0 clean or warnings only, 1 errors found, 2 the check could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from jaxtune.errors import UserError, exit_on_user_error  # noqa: E402
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help="a recipe (configs/*.py) for the data files, tokenizer and data settings; "
+                                    "flags override it")
+    p.add_argument("--data", nargs="+", metavar="FILE", help="training files, globs or save_to_disk directories")
+    p.add_argument("--eval", nargs="+", metavar="FILE", help="evaluation files (checked for overlap with training)")
+    p.add_argument("--tokenizer", metavar="DIR", help="the model directory (or a tokenizer directory)")
+    p.add_argument("--max-seq-len", type=int)
+    p.add_argument("--format", choices=("auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages"))
+    p.add_argument("--truncation", choices=("truncate", "drop"))
+    p.add_argument("--train-on-prompt", action="store_true", default=None)
+    p.add_argument("--ngram", type=int, default=13, help="words in a passage that counts as contamination (13)")
+    p.add_argument("--show", type=int, default=0, metavar="K", help="print K training samples, trained tokens marked")
+    p.add_argument("--out", metavar="FILE", help="write the report as JSON")
+    return p.parse_args(argv)
+
+
+def settings_from(args):
+    from jaxtune.config import defaults, load_recipe
+    from jaxtune.data import DataSettings
+
+    config = load_recipe(args.config) if args.config else defaults()
+    base = DataSettings.from_config(config)
+    changes = {
+        "train_files": tuple(args.data) if args.data else None,
+        "eval_files": tuple(args.eval) if args.eval else None,
+        "tokenizer_path": args.tokenizer,
+        "max_seq_len": args.max_seq_len,
+        "format": args.format,
+        "truncation": args.truncation,
+        "train_on_prompt": args.train_on_prompt,
+    }
+    settings = dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
+    if not settings.train_files:
+        raise UserError("no training data: give --data FILE... or a --config whose data.train_files is set.")
+    if not settings.tokenizer_path:
+        raise UserError("no tokenizer: give --tokenizer DIR or a --config whose model.hf_path is set.")
+    return settings
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    if args.show < 0 or args.ngram < 1:
+        raise UserError("--show must be >= 0 and --ngram >= 1.")
+    settings = settings_from(args)
+
+    from jaxtune.data import load_tokenizer
+    from jaxtune.data.quality import check_data, render_sample
+
+    tokenizer = load_tokenizer(settings.tokenizer_path)
+    report, samples = check_data(settings, tokenizer, ngram=args.ngram)
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    for sample in samples[: args.show]:
+        trained = sample.num_trained
+        print(f"--- {sample.location} ({len(sample.ids)} tokens, {trained} trained"
+              f"{', marked in green' if color else ', marked [[like this]]'}) ---")
+        print(render_sample(tokenizer, sample, color=color))
+        print()
+    print(report.summary())
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report.to_json(), f, indent=1)
+        print(f"report written to {args.out}")
+    return 1 if report.errors else 0
+
+
+if __name__ == "__main__":
+    with exit_on_user_error():
+        sys.exit(main())
