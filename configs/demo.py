@@ -19,12 +19,11 @@ def get_config():
     c.model.hf_path = ensure_demo_model(os.path.join(ROOT, "demo_assets", "model"), data_dir)
     c.model.compute_dtype = "float32"
     c.model.remat = "none"
-    c.mesh.fsdp = 1
     c.data.train_files = (os.path.join(data_dir, "train.jsonl"),)
     c.data.eval_files = (os.path.join(data_dir, "eval.jsonl"),)
     c.data.max_seq_len = 128
     c.train.global_batch_size = 16
-    c.train.num_epochs = 3.0
+    c.train.num_epochs = 6.0
     c.train.log_every = 10
     c.train.eval_every = 50
     c.train.save_every = 100

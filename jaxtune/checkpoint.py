@@ -80,11 +80,15 @@ class Checkpointer:
         return restored.state, LoopState.from_json(restored.loop)
 
     def restore_latest(self, abstract_state: TrainState, log=print):
-        """(step, state, loop) of the newest readable checkpoint, or None if there is none."""
+        """(step, state, loop) of the newest readable checkpoint, or None if there is none.
+
+        Best-model checkpoints written after the restored step belong to a timeline that
+        is replayed from here, so they are removed: `best/` always agrees with the
+        restored early-stopping and best-model state.
+        """
         for step in reversed(self.steps()):
             try:
                 state, loop = self.restore(step, abstract_state)
-                return step, state, loop
             except Exception as e:  # noqa: BLE001 - any unreadable file means a corrupt checkpoint
                 where = os.path.join(self.directory, str(step))
                 if self.on_corrupt != "fallback":
@@ -92,8 +96,24 @@ class Checkpointer:
                         f"checkpoint {where} is corrupted or unreadable ({type(e).__name__}: {str(e)[:200]}); "
                         "delete it or set checkpoint.on_corrupt=fallback to resume from the one before."
                     ) from None
-                log(f"warning: checkpoint {where} is unreadable ({type(e).__name__}); trying the previous one")
+                self._set_aside(step)
+                log(f"warning: checkpoint {where} is unreadable ({type(e).__name__}); moved it to "
+                    f"{where}.corrupt and trying the previous one")
+                continue
+            self._discard_best_after(step)
+            return step, state, loop
         return None
+
+    def _set_aside(self, step: int) -> None:
+        if jax.process_index() == 0:
+            where = os.path.join(self.directory, str(step))
+            os.replace(where, f"{where}.corrupt")
+        self.manager.reload()
+
+    def _discard_best_after(self, step: int) -> None:
+        self.best_manager.wait_until_finished()
+        for later in [s for s in self.best_manager.all_steps() if s > step]:
+            self.best_manager.delete(later)
 
     # ---- best parameters ------------------------------------------------------------------
     def save_best(self, step: int, params, value: float, metrics: dict) -> None:

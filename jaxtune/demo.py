@@ -50,13 +50,25 @@ def make_example(rng: random.Random) -> dict:
 
 
 def write_dataset(out_dir: str, train: int = 6000, eval: int = 300, seed: int = 1234) -> None:
-    """Regenerates data/demo/{train,eval}.jsonl (the shipped files came from this)."""
+    """Regenerates data/demo/{train,eval}.jsonl (the shipped files came from this).
+
+    Every prompt is unique, so eval measures generalisation, not recall of train lines
+    (tools/check_data.py finds no duplicates and no contamination).
+    """
     rng = random.Random(seed)
     os.makedirs(out_dir, exist_ok=True)
+    seen: set[str] = set()
     for name, n in (("train", train), ("eval", eval)):
         with open(os.path.join(out_dir, f"{name}.jsonl"), "w") as f:
-            for _ in range(n):
-                f.write(json.dumps(make_example(rng)) + "\n")
+            written = 0
+            while written < n:
+                example = make_example(rng)
+                prompt = example["messages"][0]["content"]
+                if prompt in seen:
+                    continue
+                seen.add(prompt)
+                f.write(json.dumps(example) + "\n")
+                written += 1
 
 
 def _corpus(data_dir: str):

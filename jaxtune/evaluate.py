@@ -36,6 +36,6 @@ def evaluate(eval_step, params, rows, local_batch_size: int, mesh) -> EvalResult
     for batch in iter_eval_batches(rows, local_batch_size, num_batches):
         totals += np.asarray([float(x) for x in eval_step(params, to_global_batch(batch, mesh, None))])
     loss_sum, correct, tokens = totals
-    loss = loss_sum / max(tokens, 1.0)
-    return EvalResult(loss=loss, ppl=math.exp(min(loss, 700.0)), accuracy=correct / max(tokens, 1.0),
+    loss = float(loss_sum / max(tokens, 1.0))
+    return EvalResult(loss=loss, ppl=math.exp(min(loss, 700.0)), accuracy=float(correct / max(tokens, 1.0)),
                       tokens=int(tokens))

@@ -244,6 +244,8 @@ class _Loop:
             self.ckpt.wait()
             self.log.message(f"stopped at step {s}; checkpoint saved. Run the same command to continue.")
             return "preempted"
+        if self._interval.steps == 0:  # just logged: eval and save time is not training time
+            self._interval.start = time.perf_counter()
         return None
 
     def _after_step(self, step: int, metrics, tokens: int) -> bool:

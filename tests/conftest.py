@@ -13,3 +13,34 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import types
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def run_assets(tmp_path_factory):
+    """A tiny model with the demo tokenizer, and small train/eval files, shared by e2e tests."""
+    from run_helpers import make_demo_model, write_subset
+
+    root = tmp_path_factory.mktemp("run_assets")
+    return types.SimpleNamespace(
+        model=make_demo_model(root / "model"),
+        train=write_subset(root / "train.jsonl", 400),
+        eval=write_subset(root / "eval.jsonl", 64, source="eval.jsonl"),
+        cache=root / "cache",
+    )
+
+
+@pytest.fixture
+def tiny(run_assets, tmp_path):
+    """tiny(**overrides) -> the override dict of a few-second run in tmp_path/run."""
+    from run_helpers import tiny_overrides
+
+    def make(workdir=None, **kw):
+        base = tiny_overrides(workdir or tmp_path / "run", run_assets.model, run_assets.train,
+                              run_assets.eval, run_assets.cache)
+        return {**base, **{k.replace("__", "."): v for k, v in kw.items()}}
+
+    return make

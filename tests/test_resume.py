@@ -1,0 +1,286 @@
+"""Checkpoints: exact resume, preemption, crash safety, best model, early stopping, anomalies."""
+
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import jaxtune.train
+from jaxtune.checkpoint import Checkpointer
+from jaxtune.errors import UserError
+from jaxtune.train import AnomalyStop, run
+from run_helpers import ROOT, assert_trees_equal, make_config, read_metrics, train_losses, write_recipe
+
+TIMING_KEYS = ("tokens_per_sec", "mfu")
+
+
+def _comparable(history):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in history]
+
+
+@pytest.fixture(scope="module")
+def reference(run_assets, tmp_path_factory):
+    """The uninterrupted run (12 steps, eval and save every 4) on the 8 fake devices."""
+    from run_helpers import tiny_overrides
+
+    def overrides(workdir, **kw):
+        base = tiny_overrides(workdir, run_assets.model, run_assets.train, run_assets.eval, run_assets.cache)
+        return {**base, **{k.replace("__", "."): v for k, v in kw.items()}}
+
+    result = run(make_config(overrides(tmp_path_factory.mktemp("reference") / "run")))
+    return overrides, result
+
+
+def test_resume_after_a_clean_stop_is_exact(reference, tmp_path):
+    overrides, ref = reference
+    config = make_config(overrides(tmp_path / "run"))
+    first = run(config, should_stop=lambda step: step == 6)
+    assert first.stop_reason == "preempted" and first.step == 6
+    assert Checkpointer(str(tmp_path / "run"), keep=2, keep_best=1, metric="eval_loss",
+                        greater_is_better=False).steps() == [4, 6]
+    second = run(config)
+    assert second.stop_reason == "completed" and second.step == 12
+    assert _comparable(second.history) == _comparable(ref.history)  # bitwise: every loss and eval
+    assert_trees_equal(second.params, ref.params)
+    # metrics.jsonl holds each step once: the resumed run rewrote it from the checkpoint.
+    assert _comparable(read_metrics(tmp_path / "run")) == _comparable(ref.history)
+
+
+def test_resume_never_refuses_a_used_workdir_unless_overwrite(reference, tmp_path):
+    overrides, _ = reference
+    run(make_config(overrides(tmp_path / "run", train__max_steps=2, train__eval_every=0)))
+    with pytest.raises(UserError, match="is not empty and train.resume=never"):
+        run(make_config(overrides(tmp_path / "run", train__max_steps=2, train__resume="never")))
+    fresh = run(make_config(overrides(tmp_path / "run", train__max_steps=2, train__eval_every=0,
+                                      train__resume="never", train__overwrite=True)))
+    assert [r["step"] for r in fresh.history if "loss" in r] == [1, 2]  # started afresh
+
+
+def _wait_for_step(workdir, step, proc, timeout=120):
+    path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if os.path.exists(path):
+            steps = [r["step"] for r in read_metrics(workdir) if "loss" in r]
+            if steps and steps[-1] >= step:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"run did not reach step {step}")
+
+
+def _start(recipe):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "run.py"), "--config", recipe],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_the_same_command_continues(reference, tmp_path):
+    overrides, ref = reference
+    workdir = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "recipe.py", overrides(workdir))
+    proc = _start(recipe)
+    _wait_for_step(workdir, 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "SIGTERM received" in err and "checkpoint saved" in out
+    stopped_at = max(r["step"] for r in read_metrics(workdir))
+    assert 5 <= stopped_at < 12 and os.path.isdir(workdir / "checkpoints" / str(stopped_at))
+
+    proc = _start(recipe)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert f"resuming from step {stopped_at}" in out
+    assert _comparable(read_metrics(workdir)) == _comparable(ref.history)
+
+
+@pytest.mark.slow
+def test_sigkill_during_saves_restarts_from_the_last_complete_checkpoint(reference, tmp_path):
+    overrides, ref = reference
+    workdir = tmp_path / "run"
+    # A save at every step: a kill lands in the middle of one most of the time.
+    recipe = write_recipe(tmp_path / "recipe.py", overrides(workdir, train__save_every=1))
+    proc = _start(recipe)
+    _wait_for_step(workdir, 6, proc)
+    proc.kill()
+    proc.communicate()
+    leftovers = glob.glob(str(workdir / "checkpoints" / "*orbax-checkpoint-tmp*"))
+    complete = sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())
+    assert complete, "no complete checkpoint before the kill"
+
+    proc = _start(recipe)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert f"resuming from step {complete[-1]}" in out, (leftovers, out)
+    assert not glob.glob(str(workdir / "checkpoints" / "*orbax-checkpoint-tmp*"))
+    assert train_losses(read_metrics(workdir)) == train_losses(ref.history)
+
+
+def test_incomplete_checkpoint_is_ignored_and_removed(reference, tmp_path):
+    overrides, ref = reference
+    config = make_config(overrides(tmp_path / "run"))
+    run(config, should_stop=lambda step: step == 8)
+    ckpts = tmp_path / "run" / "checkpoints"
+    # What a kill in the middle of writing step 9 leaves: a temporary directory, half full.
+    partial = ckpts / "9.orbax-checkpoint-tmp-1234"
+    shutil.copytree(ckpts / "8", partial)
+    for f in glob.glob(str(partial / "state" / "**" / "*"), recursive=True)[::2]:
+        if os.path.isfile(f):
+            os.remove(f)
+    result = run(config)
+    assert not partial.exists()
+    assert _comparable(result.history) == _comparable(ref.history)
+
+
+def _corrupt(step_dir):
+    for f in glob.glob(str(step_dir / "state" / "**" / "*"), recursive=True):
+        if os.path.isfile(f) and os.path.getsize(f) > 64:
+            with open(f, "r+b") as fh:
+                fh.truncate(16)
+
+
+def test_corrupted_checkpoint_is_named_and_can_fall_back(reference, tmp_path):
+    overrides, ref = reference
+    run(make_config(overrides(tmp_path / "run")), should_stop=lambda step: step == 8)
+    _corrupt(tmp_path / "run" / "checkpoints" / "8")
+    with pytest.raises(UserError, match=r"checkpoints/8 is corrupted or unreadable.*on_corrupt=fallback"):
+        run(make_config(overrides(tmp_path / "run")))
+    result = run(make_config(overrides(tmp_path / "run", checkpoint__on_corrupt="fallback")))
+    assert result.stop_reason == "completed"
+    assert train_losses(result.history) == train_losses(ref.history)
+
+
+def _unstable(overrides, workdir, max_steps=16, **kw):
+    """A learning rate high enough that eval loss improves, then gets worse for a while."""
+    return overrides(workdir, optimizer__lr=0.05, optimizer__warmup_steps=0, optimizer__max_grad_norm=0.0,
+                     optimizer__schedule="constant", train__eval_every=2, train__max_steps=max_steps, **kw)
+
+
+def test_best_model_does_not_depend_on_save_frequency(reference, tmp_path):
+    overrides, _ = reference
+    result = run(make_config(_unstable(overrides, tmp_path / "run", max_steps=8, train__save_every=10,
+                                       train__load_best_at_end=True)))
+    evals = {r["step"]: r["eval_loss"] for r in result.history if "eval_loss" in r}
+    best_step = min(evals, key=evals.get)
+    assert best_step % 10 != 0 and best_step != max(evals), evals  # not at a save, not the last
+    ckpt = Checkpointer(str(tmp_path / "run"), keep=2, keep_best=1, metric="eval_loss", greater_is_better=False)
+    assert ckpt.best_step() == best_step
+    best_params, meta = ckpt.restore_best(jax.eval_shape(lambda: result.params))
+    assert meta["step"] == best_step and meta["value"] == evals[best_step]
+    assert_trees_equal(result.params, best_params)  # load_best_at_end
+    assert result.loop.best.step == best_step
+
+
+def _expected_stop(evals, patience, min_delta=0.0):
+    best, bad = None, 0
+    for step, value in evals:
+        if best is None or best - value > min_delta:
+            best, bad = value, 0
+        else:
+            bad += 1
+        if bad >= patience:
+            return step
+    return None
+
+
+def test_early_stopping_after_exactly_patience_evaluations(reference, tmp_path):
+    overrides, _ = reference
+    full = run(make_config(_unstable(overrides, tmp_path / "full")))
+    evals = [(r["step"], r["eval_loss"]) for r in full.history if "eval_loss" in r]
+    expected = _expected_stop(evals, patience=2)
+    assert expected is not None and expected < 16, evals
+
+    stopped = run(make_config(_unstable(overrides, tmp_path / "es", early_stopping__patience=2)))
+    assert stopped.stop_reason == "early_stopping" and stopped.step == expected
+    assert stopped.loop.early_stopping.bad_evals == 2
+
+    # Interrupted between two non-improving evaluations, the count survives the restart.
+    config = make_config(_unstable(overrides, tmp_path / "restarted", early_stopping__patience=2))
+    first = run(config, should_stop=lambda step: step == expected - 1)
+    assert first.stop_reason == "preempted"
+    second = run(config)
+    assert second.stop_reason == "early_stopping" and second.step == expected
+    assert _comparable(second.history) == _comparable(stopped.history)
+
+
+def _poison(monkeypatch, bad_calls):
+    """Makes the batches of the given train-step calls produce a NaN loss."""
+    original = jaxtune.train.to_global_batch
+    calls = {"n": 0}
+
+    def poisoned(rows, mesh, accum):
+        if accum is not None:
+            calls["n"] += 1
+            if calls["n"] in bad_calls:
+                rows = rows[np.arange(len(rows))]
+                rows.loss_weights = rows.loss_weights.copy()
+                rows.loss_weights[0, 0] = np.nan
+        return original(rows, mesh, accum)
+
+    monkeypatch.setattr(jaxtune.train, "to_global_batch", poisoned)
+
+
+def test_nan_batch_is_skipped_counted_and_logged(reference, tmp_path, monkeypatch, capsys):
+    overrides, ref = reference
+    _poison(monkeypatch, {6})
+    result = run(make_config(overrides(tmp_path / "run")))
+    lines = {r["step"]: r for r in result.history if "loss" in r}
+    assert lines[6]["skipped"] == 1 and lines[6]["loss"] is None
+    assert all(lines[s]["skipped"] == 0 for s in lines if s != 6)
+    assert "step 6 skipped: non-finite loss or gradients" in capsys.readouterr().out
+    # Before the bad batch everything is as in the reference run.
+    assert {s: lines[s]["loss"] for s in range(1, 6)} == {s: l for s, l in train_losses(ref.history).items() if s < 6}
+
+
+def test_persistent_anomalies_roll_back_past_the_bad_batches(reference, tmp_path, monkeypatch):
+    overrides, _ = reference
+    _poison(monkeypatch, {6, 7, 8})
+    result = run(make_config(overrides(tmp_path / "run", anomaly__max_consecutive=3)))
+    events = [r for r in result.history if r.get("event") == "rollback"]
+    assert events == [{"step": 8, "event": "rollback", "to_step": 4, "skipped_in_a_row": 3}]
+    assert result.stop_reason == "completed" and result.step == 12 and result.loop.rollbacks == 1
+    # The data moved on: 8 batches before the rollback to step 4, then 8 new ones for steps 5-12.
+    assert (result.loop.epoch, result.loop.batch_index) == (0, 16)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(result.params))
+
+
+def test_persistent_anomalies_can_stop_the_run(reference, tmp_path, monkeypatch):
+    overrides, _ = reference
+    _poison(monkeypatch, {6, 7, 8})
+    with pytest.raises(AnomalyStop, match="3 consecutive steps were skipped"):
+        run(make_config(overrides(tmp_path / "run", anomaly__max_consecutive=3, anomaly__on_persistent="stop")))
+
+
+DRIVER = """
+import sys
+sys.path.insert(0, {root!r})
+from jaxtune.config import load_recipe
+from jaxtune.train import run
+result = run(load_recipe({recipe!r}), should_stop=lambda step: step == 6)
+assert result.stop_reason == "preempted", result.stop_reason
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", [4, 1])
+def test_resume_on_more_devices(reference, tmp_path, devices):
+    overrides, ref = reference
+    workdir = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "recipe.py", overrides(workdir))  # mesh.fsdp=-1: all devices
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    proc = subprocess.run([sys.executable, "-c", DRIVER.format(root=ROOT, recipe=recipe)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"'fsdp': {devices}" in proc.stdout
+    result = run(make_config(overrides(workdir)))  # here: 8 devices
+    ours, theirs = train_losses(result.history), train_losses(ref.history)
+    assert ours.keys() == theirs.keys()
+    np.testing.assert_allclose([ours[s] for s in ours], [theirs[s] for s in ours], atol=1e-5)

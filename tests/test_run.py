@@ -1,0 +1,114 @@
+"""run.py end to end: config errors, what a run writes, evaluation, MFU, the demo."""
+
+import json
+import os
+
+import pytest
+
+from jaxtune.errors import UserError
+from jaxtune.train import run
+from run_helpers import ROOT, make_config, read_metrics, run_py, write_recipe
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config.optimizer.nope=1"], "unknown config key 'optimizer.nope'"),
+        (["--config.train.global_batch_size=abc"], "--config.train.global_batch_size expects a int"),
+        (["--config.optimizer.schedule=exponential"], "optimizer.schedule must be one of"),
+        (["--config.train.global_batch_size=6", "--config.train.grad_accum_steps=4"], "must be a multiple of"),
+        (["--config", "configs/missing.py"], "config file configs/missing.py does not exist"),
+        (["--config.train.load_best_at_end=True", "--config.data.eval_files=", "--config.data.eval_fraction=0"],
+         "train.load_best_at_end needs evaluation data"),
+        (["--config.model.remat=sometimes"], "model.remat must be one of"),
+        (["positional"], "unexpected argument 'positional'"),
+    ],
+)
+def test_config_errors_are_one_line_before_any_work(args, message, tmp_path):
+    workdir = tmp_path / "never"
+    result = run_py(*args, f"--config.workdir={workdir}", timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not workdir.exists()
+
+
+def test_batch_that_does_not_divide_the_mesh_is_refused(tiny):
+    # 8 fake devices: 4 rows per micro-batch cannot be split over fsdp=8.
+    with pytest.raises(UserError, match=r"multiple of the data-parallel size \(mesh.data x mesh.fsdp = 8\)"):
+        run(make_config(tiny(train__global_batch_size=4)))
+    with pytest.raises(UserError, match="mesh data=3 x fsdp=1 x tensor=1 needs 3 devices"):
+        run(make_config(tiny(mesh__data=3, mesh__fsdp=1)))
+
+
+def test_a_run_writes_config_metrics_tensorboard_and_curves(tiny, tmp_path, capsys):
+    overrides = tiny(logging__wandb=True, logging__peak_flops=1e12, train__log_every=2)
+    result = run(make_config(overrides))
+    workdir = overrides["workdir"]
+    assert result.stop_reason == "completed" and result.step == 12
+
+    with open(os.path.join(workdir, "config.json")) as f:
+        written = json.load(f)
+    assert written["optimizer"]["lr"] == 3e-3 and written["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert written["checkpoint"]["greater_is_better"] is False  # resolved from eval_loss
+
+    records = read_metrics(workdir)
+    train_lines = [r for r in records if "loss" in r]
+    eval_lines = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in train_lines] == [2, 4, 6, 8, 10, 12]
+    for r in train_lines:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "skipped"} <= set(r)
+    # MFU from the configured peak: tokens/s x FLOPs per token / (peak x devices).
+    from jaxtune.flops import flops_per_token
+    from jaxtune.models.llama import LlamaConfig
+
+    fpt = flops_per_token(LlamaConfig.from_pretrained(overrides["model.hf_path"]), 64)
+    r = train_lines[-1]
+    assert r["mfu"] == pytest.approx(r["tokens_per_sec"] * fpt / (1e12 * 8))
+    assert [r["step"] for r in eval_lines] == [4, 8, 12]
+    for r in eval_lines:
+        assert r["eval_ppl"] == pytest.approx(2.718281828 ** r["eval_loss"], rel=1e-6)
+        assert 0 <= r["eval_accuracy"] <= 1
+    assert eval_lines[-1]["eval_loss"] < eval_lines[0]["eval_loss"]
+    assert result.history == records
+
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tensorboard")))
+    assert os.path.getsize(os.path.join(workdir, "curves.png")) > 1000
+    assert "wandb package is not installed" in capsys.readouterr().err
+
+
+def test_without_a_peak_mfu_is_null_on_cpu(tiny):
+    result = run(make_config(tiny(train__max_steps=3, train__eval_every=0)))
+    assert all(r["mfu"] is None for r in result.history if "loss" in r)
+
+
+def test_eval_fraction_holds_out_train_records(tiny):
+    result = run(make_config(tiny(data__eval_files=(), data__eval_fraction=0.1, train__max_steps=4)))
+    evals = [r for r in result.history if "eval_loss" in r]
+    assert len(evals) == 1 and evals[0]["eval_tokens"] > 0
+    result = run(make_config(tiny(workdir=str(result.workdir) + "2", data__eval_files=(), data__eval_fraction=0.0,
+                                  train__max_steps=4)))
+    assert not [r for r in result.history if "eval_loss" in r]
+
+
+def test_run_py_cli_overrides_a_recipe(tiny, tmp_path):
+    recipe = write_recipe(tmp_path / "recipe.py", tiny(train__max_steps=3, train__eval_every=0))
+    result = run_py("--config", recipe, "--config.optimizer.lr=1e-3", "--config.train.max_steps", "2")
+    assert result.returncode == 0, result.stderr
+    assert "done: 2 steps (completed)" in result.stdout
+    workdir = tiny()["workdir"]
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["optimizer"]["lr"] == 1e-3
+
+
+@pytest.mark.slow
+def test_demo_learns(tmp_path):
+    """The default job, shortened: eval loss falls well below the first evaluation."""
+    result = run_py(f"--config.workdir={tmp_path / 'demo'}", "--config.train.max_steps=120",
+                    "--config.train.eval_every=40", "--config.logging.progress_bar=False", timeout=600,
+                    env={"XLA_FLAGS": ""})  # one CPU device, as on a user's machine
+    assert result.returncode == 0, result.stderr
+    evals = [r for r in read_metrics(tmp_path / "demo") if "eval_loss" in r]
+    assert len(evals) == 3
+    assert evals[-1]["eval_loss"] < 0.85 * evals[0]["eval_loss"]
+    assert os.path.isdir(os.path.join(ROOT, "demo_assets", "model"))

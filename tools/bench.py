@@ -1,0 +1,207 @@
+"""Training throughput of jaxtune against Hugging Face PyTorch Llama + torch.optim.AdamW.
+
+Same model shape, batch, optimizer and precision, measured alternately in one run, so the
+ratio is meaningful on a noisy machine. Benchmark on one device (no fake devices).
+
+    python tools/bench.py                       # reference shape, fp32 and bf16
+    python tools/bench.py --precision bf16 --steps 20
+    python tools/bench.py --compile             # compile time for 2 vs 16 layers (scan)
+    python tools/bench.py --jax-only --remat dots --loss-chunk-len 64
+
+MFU here is against the measured peak of a large matmul on this machine (a CPU has no
+data-sheet peak for XLA); on accelerators jaxtune's logs use the device's data-sheet peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--hidden", type=int, default=384)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--kv-heads", type=int, default=6)
+    p.add_argument("--intermediate", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3, help="alternating jax/torch rounds; the best round counts")
+    p.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both")
+    p.add_argument("--remat", default="dots")
+    p.add_argument("--loss-chunk-len", type=int, default=0)
+    p.add_argument("--jax-only", action="store_true")
+    p.add_argument("--compile", action="store_true", help="measure compile time vs depth instead")
+    return p.parse_args()
+
+
+def llama_config(a, layers=None):
+    from jaxtune.models.llama import LlamaConfig
+
+    return LlamaConfig.from_hf_dict(dict(
+        vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
+        num_hidden_layers=layers or a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
+        max_position_embeddings=max(2048, a.seq),
+    ))
+
+
+class JaxRunner:
+    def __init__(self, a, compute_dtype, layers=None):
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+        from flax import nnx
+
+        from jaxtune import sharding
+        from jaxtune.models.llama import Llama
+        from jaxtune.optim import OptimizerSettings, build_optimizer, lr_schedule
+        from jaxtune.state import TrainState
+        from jaxtune.steps import StepSettings, make_train_step, state_shardings, to_global_batch
+
+        config = llama_config(a, layers)
+        self.mesh = sharding.make_mesh(sharding.MeshShape(1, 1, 1), devices=jax.devices()[:1])
+        model = Llama(config, compute_dtype=compute_dtype, remat=a.remat, rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(model)
+        params = nnx.as_pure(state)
+        opt_settings = OptimizerSettings(lr=1e-4, weight_decay=0.01)
+        optimizer = build_optimizer(opt_settings, 1000)
+        train_state = TrainState.create(params, optimizer.init(params), 32)
+        shardings = state_shardings(self.mesh, optimizer, train_state)
+        self.state = jax.device_put(train_state, shardings)
+        step_settings = StepSettings(jnp.dtype(compute_dtype), a.loss_chunk_len, 1, 0.0)
+        self.step_fn = make_train_step(graphdef, optimizer, lr_schedule(opt_settings, 1000), step_settings,
+                                       self.mesh, shardings)
+        rng = np.random.RandomState(0)
+        ids = rng.randint(0, a.vocab, (a.batch, a.seq)).astype(np.int32)
+
+        class Rows:
+            input_ids = ids
+            targets = np.roll(ids, -1, axis=1)
+            loss_weights = np.ones_like(ids, dtype=np.float32)
+            positions = np.broadcast_to(np.arange(a.seq, dtype=np.int32), ids.shape).copy()
+            segment_ids = np.ones_like(ids)
+
+        self.batch = to_global_batch(Rows, self.mesh, 1)
+        self.jax = jax
+
+    def compile_seconds(self) -> float:
+        t = time.perf_counter()
+        self.step_fn.lower(self.state, self.batch).compile()
+        return time.perf_counter() - t
+
+    def run(self, steps: int) -> float:
+        metrics = None
+        t = time.perf_counter()
+        for _ in range(steps):
+            self.state, metrics = self.step_fn(self.state, self.batch)
+        self.jax.block_until_ready((self.state, metrics))
+        return time.perf_counter() - t
+
+
+class TorchRunner:
+    def __init__(self, a, bf16: bool):
+        import torch
+        import transformers
+
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(
+            vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
+            num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
+            max_position_embeddings=max(2048, a.seq),
+        )
+        cfg._attn_implementation = "sdpa"
+        self.model = transformers.LlamaForCausalLM(cfg).train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.01)
+        self.ids = torch.randint(0, a.vocab, (a.batch, a.seq))
+        self.bf16 = bf16
+        self.torch = torch
+
+    def run(self, steps: int) -> float:
+        torch = self.torch
+        t = time.perf_counter()
+        for _ in range(steps):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                loss = self.model(input_ids=self.ids, labels=self.ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+
+def matmul_peak(dtype_name: str) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    n = 2048
+    dtype = jnp.bfloat16 if dtype_name == "bf16" else jnp.float32
+    x = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def bench_precision(a, precision: str) -> None:
+    from jaxtune.flops import flops_per_token
+
+    compute = "bfloat16" if precision == "bf16" else "float32"
+    jr = JaxRunner(a, compute)
+    print(f"[{precision}] jaxtune compile: {jr.compile_seconds():.1f} s", flush=True)
+    jr.run(2)
+    tr = None if a.jax_only else TorchRunner(a, precision == "bf16")
+    if tr:
+        tr.run(2)
+    tokens = a.batch * a.seq * a.steps
+    best_jax, best_torch = float("inf"), float("inf")
+    for r in range(a.rounds):
+        best_jax = min(best_jax, jr.run(a.steps))
+        if tr:
+            best_torch = min(best_torch, tr.run(a.steps))
+    jax_tps = tokens / best_jax
+    peak = matmul_peak(precision)
+    mfu = jax_tps * flops_per_token(llama_config(a), a.seq) / peak
+    line = f"[{precision}] jaxtune {jax_tps:,.0f} tokens/s (MFU {mfu:.1%} of a {peak / 1e9:.0f} GFLOP/s matmul)"
+    if tr:
+        torch_tps = tokens / best_torch
+        torch_mfu = torch_tps * flops_per_token(llama_config(a), a.seq) / peak
+        line += f" | torch {torch_tps:,.0f} tokens/s (MFU {torch_mfu:.1%}) | ratio jaxtune/torch {jax_tps / torch_tps:.2f}x"
+    print(line, flush=True)
+
+
+def bench_compile(a) -> None:
+    times = {}
+    for layers in (2, 16):
+        times[layers] = JaxRunner(a, "float32", layers=layers).compile_seconds()
+        print(f"compile, {layers} layers: {times[layers]:.2f} s", flush=True)
+    print(f"ratio 16/2 layers: {times[16] / times[2]:.2f}x")
+
+
+def main():
+    a = parse()
+    import jax
+
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; shape vocab={a.vocab} hidden={a.hidden} "
+          f"layers={a.layers} heads={a.heads}/{a.kv_heads} ffn={a.intermediate}; batch {a.batch}x{a.seq}; "
+          f"remat={a.remat} loss_chunk_len={a.loss_chunk_len}", flush=True)
+    if a.compile:
+        return bench_compile(a)
+    for precision in (("fp32", "bf16") if a.precision == "both" else (a.precision,)):
+        bench_precision(a, precision)
+
+
+if __name__ == "__main__":
+    main()
