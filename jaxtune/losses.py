@@ -14,6 +14,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxtune.models.matmul import transpose_2d
+
 
 def _chunks(x, chunk_len):
     """[B, T, ...] -> [T/c, B, c, ...] (the batch axis keeps its sharding)."""
@@ -55,8 +57,9 @@ def _fused_fwd(hidden, kernel, targets, weights, dtype, chunk_len):
         loss, _, lse = _chunk_stats(logits, tgt, w)
         one_hot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == tgt[:, None]
         dlogits = ((jnp.exp(logits - lse[:, None]) - one_hot) * w[:, None]).astype(dtype)
-        dh = jnp.dot(dlogits, kernel.astype(dtype).T, preferred_element_type=jnp.float32)
-        dk = jnp.dot(h.reshape(-1, d).astype(dtype).T, dlogits, preferred_element_type=jnp.float32)
+        # einsum, not dot(a, b.T): an explicit transpose makes XLA:CPU upcast this bf16 dot to f32.
+        dh = jnp.einsum("mv,dv->md", dlogits, kernel.astype(dtype), preferred_element_type=jnp.float32)
+        dk = jnp.dot(transpose_2d(h.reshape(-1, d).astype(dtype)), dlogits, preferred_element_type=jnp.float32)
         return dkernel + dk, (loss, dh.reshape(h.shape))
 
     dkernel0 = jnp.zeros(kernel.shape, jnp.float32)

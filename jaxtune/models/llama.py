@@ -25,6 +25,8 @@ import numpy as np
 from flax import nnx
 
 from jaxtune.errors import UserError
+from jaxtune.models.attention import causal_attention
+from jaxtune.models.matmul import dense
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _ROPE_KEYS = {
@@ -284,19 +286,31 @@ def _dot(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
 
 
 class Projection(nnx.Module):
-    """A linear map whose einsum names the axes, with an optional bias."""
+    """A linear map contracting the first `n_in` kernel axes, with an optional bias.
 
-    def __init__(self, spec: str, kernel_shape, bias_shape=None, *, std, param_dtype, rngs):
-        self.spec = spec
+    The kernel keeps its named axes (e.g. [D, heads, H] so tensor parallelism splits
+    heads); the product itself runs as one 2-D `dense` on flattened tokens.
+    """
+
+    def __init__(self, kernel_shape, n_in: int = 1, bias: bool = False, *, std, param_dtype, rngs):
         init = jax.nn.initializers.normal(std)
         self.kernel = nnx.Param(init(rngs.params(), kernel_shape, param_dtype))
-        self.bias = nnx.Param(jnp.zeros(bias_shape, param_dtype)) if bias_shape else None
+        self.n_in = n_in
+        self.bias = nnx.Param(jnp.zeros(kernel_shape[n_in:], param_dtype)) if bias else None
 
     def __call__(self, x: jax.Array, compute_dtype) -> jax.Array:
-        y = _dot(self.spec, x, self.kernel[...], compute_dtype)
+        """x: [M, *kernel_shape[:n_in]] -> [M, *kernel_shape[n_in:]] in compute_dtype.
+
+        Products accumulate in float32 and are stored in compute_dtype (as torch autocast
+        does): in bf16 that halves the memory traffic of everything between the matmuls.
+        """
+        w = self.kernel[...]
+        in_shape, out_shape = w.shape[: self.n_in], w.shape[self.n_in:]
+        k, n = math.prod(in_shape), math.prod(out_shape)
+        y = dense(x.reshape(x.shape[0], k), w.reshape(k, n), compute_dtype).reshape(x.shape[0], *out_shape)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
-        return y  # float32
+        return y.astype(compute_dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -313,12 +327,11 @@ class RMSNorm(nnx.Module):
 class Attention(nnx.Module):
     def __init__(self, c: LlamaConfig, *, param_dtype, compute_dtype, rngs):
         d, n, k, h = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        std, b = c.initializer_range, c.attention_bias
-        kw = dict(std=std, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = Projection("md,dnh->mnh", (d, n, h), (n, h) if b else None, **kw)
-        self.k_proj = Projection("md,dkh->mkh", (d, k, h), (k, h) if b else None, **kw)
-        self.v_proj = Projection("md,dkh->mkh", (d, k, h), (k, h) if b else None, **kw)
-        self.o_proj = Projection("mnh,nhd->md", (n, h, d), (d,) if b else None, **kw)
+        kw = dict(bias=c.attention_bias, std=c.initializer_range, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Projection((d, n, h), **kw)  # md,dnh->mnh
+        self.k_proj = Projection((d, k, h), **kw)  # md,dkh->mkh
+        self.v_proj = Projection((d, k, h), **kw)  # md,dkh->mkh
+        self.o_proj = Projection((n, h, d), n_in=2, **kw)  # mnh,nhd->md
         self.num_kv_heads, self.head_dim = k, h
         self.compute_dtype = compute_dtype
 
@@ -336,41 +349,13 @@ class Attention(nnx.Module):
         return self.o_proj(out.reshape(b * t, -1, h), dt)
 
 
-def query_block_size(t: int) -> int:
-    """Queries per attention block: at least 64, at most 16 blocks per sequence."""
-    return max(64, -(-t // 16))
-
-
-def causal_attention(q, k, v, segment_ids, dtype) -> jax.Array:
-    """Causal attention within segments, a block of queries at a time.
-
-    q: [B, T, K, G, H] (already scaled), k, v: [B, T, K, H] -> [B, T, K, G, H] float32.
-    Query block i only needs keys up to its last position, so the masked upper triangle
-    is mostly never computed, and each block's scores stay small enough for the cache
-    (40% faster than one [T, T] softmax on this CPU, and far less memory on any device).
-    """
-    t = q.shape[1]
-    block = query_block_size(t)
-    outs = []
-    for start in range(0, t, block):
-        end = min(start + block, t)
-        causal = jnp.arange(start, end)[:, None] >= jnp.arange(end)[None, :]
-        same_segment = segment_ids[:, start:end, None] == segment_ids[:, None, :end]
-        mask = (causal[None] & same_segment)[:, None, None]  # [B, 1, 1, tq, tk]
-        scores = _dot("btkgh,bskh->bkgts", q[:, start:end], k[:, :end], dtype)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        outs.append(_dot("bkgts,bskh->btkgh", probs, v[:, :end], dtype))
-    return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
-
-
 class MLP(nnx.Module):
     def __init__(self, c: LlamaConfig, *, param_dtype, compute_dtype, rngs):
-        d, f, b = c.hidden_size, c.intermediate_size, c.mlp_bias
-        kw = dict(std=c.initializer_range, param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj = Projection("md,df->mf", (d, f), (f,) if b else None, **kw)
-        self.up_proj = Projection("md,df->mf", (d, f), (f,) if b else None, **kw)
-        self.down_proj = Projection("mf,fd->md", (f, d), (d,) if b else None, **kw)
+        d, f = c.hidden_size, c.intermediate_size
+        kw = dict(bias=c.mlp_bias, std=c.initializer_range, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Projection((d, f), **kw)  # md,df->mf
+        self.up_proj = Projection((d, f), **kw)  # md,df->mf
+        self.down_proj = Projection((f, d), **kw)  # mf,fd->md
         self.compute_dtype = compute_dtype
 
     def __call__(self, x):
@@ -430,9 +415,8 @@ class Llama(nnx.Module):
         self.layers = make_layers(rngs)
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, param_dtype=param_dtype)
         if not c.tie_word_embeddings:
-            self.lm_head = Projection(
-                "md,dv->mv", (c.hidden_size, c.vocab_size), std=c.initializer_range,
-                param_dtype=param_dtype, rngs=rngs,
+            self.lm_head = Projection(  # md,dv->mv
+                (c.hidden_size, c.vocab_size), std=c.initializer_range, param_dtype=param_dtype, rngs=rngs,
             )
         else:
             self.lm_head = None
