@@ -179,6 +179,48 @@ def test_best_model_does_not_depend_on_save_frequency(reference, tmp_path):
     assert result.loop.best.step == best_step
 
 
+def test_keep_and_keep_best_bound_what_is_kept(reference, tmp_path):
+    overrides, ref = reference
+    ckpt = Checkpointer(ref.workdir, keep=2, keep_best=1, metric="eval_loss", greater_is_better=False)
+    assert ckpt.steps() == [8, 12]  # checkpoint.keep=2 of the saves at 4, 8, 12
+    assert ckpt.best_manager.all_steps() == [12]
+    run(make_config(overrides(tmp_path / "run", checkpoint__keep=3, checkpoint__keep_best=2,
+                              train__save_every=2)))
+    ckpt = Checkpointer(str(tmp_path / "run"), keep=3, keep_best=2, metric="eval_loss", greater_is_better=False)
+    assert ckpt.steps() == [8, 10, 12] and sorted(ckpt.best_manager.all_steps()) == [8, 12]
+
+
+def test_metric_direction_and_min_delta():
+    from jaxtune.config import defaults, metric_greater_is_better
+    from jaxtune.state import EarlyStoppingState
+
+    c = defaults()
+    assert metric_greater_is_better(c) is False  # eval_loss
+    c.checkpoint.metric = "eval_accuracy"
+    assert metric_greater_is_better(c) is True
+    c.checkpoint.metric = "eval_ppl"
+    assert metric_greater_is_better(c) is False
+    c.checkpoint.greater_is_better = True
+    assert metric_greater_is_better(c) is True
+    es = EarlyStoppingState()
+    for value in (1.0, 0.95, 0.949, 0.90):  # improvements of 0.05, 0.001, 0.049 against min_delta 0.01
+        es.update(value, greater_is_better=False, min_delta=0.01)
+    assert (es.best, es.bad_evals) == (0.90, 0)
+    es.update(0.895, greater_is_better=False, min_delta=0.01)
+    assert (es.best, es.bad_evals, es.should_stop(2)) == (0.90, 1, False)
+    es.update(0.91, greater_is_better=False, min_delta=0.01)
+    assert es.should_stop(2)
+
+
+def test_best_model_follows_a_greater_is_better_metric(reference, tmp_path):
+    overrides, _ = reference
+    result = run(make_config(_unstable(overrides, tmp_path / "run", max_steps=8, checkpoint__metric="eval_accuracy")))
+    evals = {r["step"]: r["eval_accuracy"] for r in result.history if "eval_loss" in r}
+    best = max(evals.values())
+    first_best = min(s for s, v in evals.items() if v == best)  # ties do not replace the best
+    assert result.loop.best.step == first_best and result.loop.best.value == best
+
+
 def _expected_stop(evals, patience, min_delta=0.0):
     best, bad = None, 0
     for step, value in evals:

@@ -112,3 +112,66 @@ def test_demo_learns(tmp_path):
     assert len(evals) == 3
     assert evals[-1]["eval_loss"] < 0.85 * evals[0]["eval_loss"]
     assert os.path.isdir(os.path.join(ROOT, "demo_assets", "model"))
+
+
+def test_shipped_recipes_validate():
+    from jaxtune.config import parse_args
+
+    config = parse_args(["--config", os.path.join(ROOT, "configs", "llama3_8b_sft.py"),
+                         "--config.model.hf_path=/ckpt/llama", "--config.data.train_files=a.jsonl,b.jsonl"],
+                        default_config="unused")
+    assert config.data.train_files == ("a.jsonl", "b.jsonl") and config.model.compute_dtype == "bfloat16"
+    with pytest.raises(UserError, match="model.hf_path must name"):
+        parse_args(["--config", os.path.join(ROOT, "configs", "llama3_8b_sft.py")], default_config="unused")
+
+
+def test_learning_rate_schedule_reaches_the_optimizer(tiny):
+    # warmup_steps=2, linear decay over 12 steps; a step's lr is lr(k) of its 0-based index.
+    result = run(make_config(tiny(train__eval_every=0)))
+    lrs = {r["step"]: r["lr"] for r in result.history if "lr" in r}
+    expected = {k + 1: 3e-3 * (k / 2 if k < 2 else (12 - k) / 10) for k in range(12)}
+    assert lrs == pytest.approx(expected, rel=1e-6)
+
+
+def test_param_dtype_epochs_seed_and_eval_batch_size(tiny, tmp_path):
+    import jax.numpy as jnp
+
+    half = run(make_config(tiny(model__param_dtype="bfloat16", train__max_steps=-1, train__num_epochs=0.5,
+                                train__eval_every=0, train__eval_batch_size=16)))
+    assert half.step == 13  # ceil(0.5 x 25 batches per epoch)
+    assert {x.dtype for x in jax_leaves(half.params)} == {jnp.dtype(jnp.bfloat16)}
+    first = {}
+    for seed in (0, 1):
+        r = run(make_config(tiny(workdir=tmp_path / f"seed{seed}", train__seed=seed, train__max_steps=1,
+                                 train__eval_every=0, train__eval_batch_size=16 if seed else 8)))
+        first[seed] = r.history
+    assert first[0][0]["loss"] != first[1][0]["loss"]  # another shuffle, other batches
+    # The eval batch size changes how eval rows are grouped, not the result.
+    assert first[0][-1]["eval_loss"] == pytest.approx(first[1][-1]["eval_loss"], rel=1e-6)
+    with pytest.raises(UserError, match="train.eval_batch_size = 12 rows must be a multiple"):
+        run(make_config(tiny(workdir=tmp_path / "bad", train__eval_batch_size=12)))
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+def test_progress_bar_and_wandb_are_wired(tiny, monkeypatch, capsys):
+    import sys
+    import types
+
+    calls = {"init": [], "log": [], "finish": 0}
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls["init"].append(kw) or fake
+    fake.log = lambda data, step: calls["log"].append((step, data))
+    fake.finish = lambda: calls.__setitem__("finish", calls["finish"] + 1)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run(make_config(tiny(train__max_steps=2, train__eval_every=0, logging__wandb=True,
+                         logging__wandb_project="my-project", logging__progress_bar=True, logging__plot=False)))
+    assert calls["init"][0]["project"] == "my-project" and calls["finish"] == 1
+    assert [step for step, _ in calls["log"]] == [1, 2, 2] and "loss" in calls["log"][0][1]
+    assert "2/2" in capsys.readouterr().err  # the tqdm bar
+    workdir = tiny()["workdir"]
+    assert not os.path.exists(os.path.join(workdir, "curves.png"))  # logging.plot=False
