@@ -40,7 +40,6 @@ class Batch:
 class StepSettings:
     compute_dtype: Any
     loss_chunk_len: int = 0
-    grad_accum_steps: int = 1
     spike_factor: float = 0.0  # 0: off
 
 

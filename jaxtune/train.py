@@ -156,7 +156,7 @@ class _Loop:
         self.loader.position = LoaderPosition(self.loop.epoch, self.loop.batch_index)
         step_settings = StepSettings(
             compute_dtype=jnp.dtype(c.model.compute_dtype), loss_chunk_len=c.model.loss_chunk_len,
-            grad_accum_steps=t.grad_accum_steps, spike_factor=c.anomaly.spike_factor,
+            spike_factor=c.anomaly.spike_factor,
         )
         self.train_step = make_train_step(self.graphdef, self.optimizer, self.schedule, step_settings,
                                           self.mesh, self.shardings)

@@ -59,7 +59,7 @@ class Trainer:
             lambda p: TrainState.create(p, self.optimizer.init(p), window),
             in_shardings=(self.shardings.params,), out_shardings=self.shardings,
         )(params)
-        self.step_settings = StepSettings(jnp.dtype(compute_dtype), chunk, accum, spike_factor)
+        self.step_settings = StepSettings(jnp.dtype(compute_dtype), chunk, spike_factor)
         self.accum = accum
         self.train_step = make_train_step(self.graphdef, self.optimizer, self.schedule, self.step_settings,
                                           self.mesh, self.shardings)

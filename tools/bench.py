@@ -77,7 +77,7 @@ class JaxRunner:
         train_state = TrainState.create(params, optimizer.init(params), 32)
         shardings = state_shardings(self.mesh, optimizer, train_state)
         self.state = jax.device_put(train_state, shardings)
-        step_settings = StepSettings(jnp.dtype(compute_dtype), a.loss_chunk_len, 1, 0.0)
+        step_settings = StepSettings(jnp.dtype(compute_dtype), a.loss_chunk_len, 0.0)
         self.step_fn = make_train_step(graphdef, optimizer, lr_schedule(opt_settings, 1000), step_settings,
                                        self.mesh, shardings)
         rng = np.random.RandomState(0)

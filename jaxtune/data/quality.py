@@ -130,7 +130,7 @@ class QualityReport:
                 f"{self.max_seq_len} ({fate})",
                 f"  trained tokens per sample: {q.trained_tokens}; {t.dropped_no_trained_tokens:,} sample(s) with none",
                 f"  duplicates: {q.exact_duplicates:,} exact, {q.near_duplicates:,} near (normalised text)",
-                f"  empty fields: " + (", ".join(f"{k} {v:,}" for k, v in q.empty_fields.items()) or "none"),
+                "  empty fields: " + (", ".join(f"{k} {v:,}" for k, v in q.empty_fields.items()) or "none"),
                 f"  packed: {q.packed_rows:,} rows of {self.max_seq_len} ({100 * q.fill:.1f}% tokens)",
             ]
         if self.overlap is not None:

@@ -15,7 +15,6 @@ import os
 from typing import Any, Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
