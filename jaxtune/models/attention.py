@@ -7,8 +7,9 @@ backward pass.
   attention does): no [T, T] probabilities are kept between passes, whatever the remat
   policy, and every product is laid out so that XLA:CPU runs it as a fast (bf16-capable)
   dot, with the two transposed operands materialised (see matmul.py).
-Layouts inside: q [B, K, G*tq, H] (GQA: the G query heads of a kv head side by side),
-k and v [B, K, tk, H], scores [B, K, G*tq, tk].
+Layouts inside: q [B*K, G*tq, H] (GQA: the G query heads of a kv head side by side),
+k and v [B*K, tk, H], scores [B*K, G*tq, tk]; one batch axis made the bf16 block 1.5x
+faster on XLA:CPU than batch axes [B, K].
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ def _bmm(spec, a, b):
 
 
 def _scores(q, k, mask, groups):
-    s = _bmm("bkqh,bkth->bkqt", q, k)
-    b, kh, gq, t = s.shape
-    s = jnp.where(mask[:, None, None], s.reshape(b, kh, groups, gq // groups, t), NEG)
-    return s.reshape(b, kh, gq, t)
+    s = _bmm("bqh,bth->bqt", q, k)  # b = B*K
+    bk, gq, t = s.shape
+    b = mask.shape[0]
+    s = jnp.where(mask[:, None, None], s.reshape(b, bk // b, groups, gq // groups, t), NEG)
+    return s.reshape(bk, gq, t)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -54,7 +56,7 @@ def _block_fwd(q, k, v, mask, groups, dtype):
     s = _scores(q, k, mask, groups)
     lse = jax.nn.logsumexp(s, axis=-1, keepdims=True)
     p = jnp.exp(s - lse)
-    out = _bmm("bkqt,bkth->bkqh", p.astype(dtype), v).astype(dtype)
+    out = _bmm("bqt,bth->bqh", p.astype(dtype), v).astype(dtype)
     return out, (q, k, v, mask, lse, out)
 
 
@@ -62,12 +64,12 @@ def _block_bwd(groups, dtype, residuals, d_out):
     q, k, v, mask, lse, out = residuals
     p = jnp.exp(_scores(q, k, mask, groups) - lse)
     d_out_c = d_out.astype(dtype)
-    d_v = _bmm("bktq,bkqh->bkth", _swap_last(p.astype(dtype)), d_out_c)
-    d_p = _bmm("bkqh,bkth->bkqt", d_out_c, v)
+    d_v = _bmm("btq,bqh->bth", _swap_last(p.astype(dtype)), d_out_c)
+    d_p = _bmm("bqh,bth->bqt", d_out_c, v)
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     d_s = (p * (d_p - delta)).astype(dtype)
-    d_q = _bmm("bkqt,bkth->bkqh", d_s, k)
-    d_k = _bmm("bktq,bkqh->bkth", _swap_last(d_s), q)
+    d_q = _bmm("bqt,bth->bqh", d_s, k)
+    d_k = _bmm("btq,bqh->bth", _swap_last(d_s), q)
     return d_q, d_k, d_v, None
 
 
@@ -81,15 +83,16 @@ def causal_attention(q, k, v, segment_ids, dtype) -> jax.Array:
     """
     b, t, kh, g, h = q.shape
     block = query_block_size(t)
-    qt = jnp.transpose(q, (0, 2, 3, 1, 4))  # [B, K, G, T, H]
-    kt, vt = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))  # [B, K, T, H]
+    qt = jnp.transpose(q, (0, 2, 3, 1, 4)).reshape(b * kh, g, t, h)  # [B*K, G, T, H]
+    kt = jnp.transpose(k, (0, 2, 1, 3)).reshape(b * kh, t, h)  # [B*K, T, H]
+    vt = jnp.transpose(v, (0, 2, 1, 3)).reshape(b * kh, t, h)
     outs = []
     for start in range(0, t, block):
         end = min(start + block, t)
         causal = jnp.arange(start, end)[:, None] >= jnp.arange(end)[None, :]
         mask = causal[None] & (segment_ids[:, start:end, None] == segment_ids[:, None, :end])
-        q_blk = qt[:, :, :, start:end].reshape(b, kh, g * (end - start), h)
-        out = _block(q_blk, kt[:, :, :end], vt[:, :, :end], mask, g, dtype)
+        q_blk = qt[:, :, start:end].reshape(b * kh, g * (end - start), h)
+        out = _block(q_blk, kt[:, :end], vt[:, :end], mask, g, dtype)
         outs.append(out.reshape(b, kh, g, end - start, h))
     out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
     return jnp.transpose(out, (0, 3, 1, 2, 4))  # [B, T, K, G, H]
