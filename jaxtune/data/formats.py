@@ -125,33 +125,10 @@ def parse_sample(value: Any, fmt: str, location: Location) -> Sample:
             system=_string(value, "system", location, optional=True),
         )
     if fmt == "sharegpt":
-        turns = _turns(value, "conversations", location)
-        messages = []
-        for i, turn in enumerate(turns):
-            where = f"conversations[{i}]"
-            speaker = _string(turn, "from", location, prefix=where)
-            if speaker not in SHAREGPT_ROLES:
-                raise BadRecord(
-                    location,
-                    f"field '{where}.from' has unknown role {speaker!r} (expected one of {', '.join(SHAREGPT_ROLES)})",
-                    f"{where}.from",
-                )
-            messages.append(Message(SHAREGPT_ROLES[speaker], _string(turn, "value", location, prefix=where)))
-        return ChatSample(location, tuple(messages), "sharegpt")
+        return ChatSample(location, _chat(value, location, "conversations", "from", "value", SHAREGPT_ROLES), "sharegpt")
     if fmt == "messages":
-        turns = _turns(value, "messages", location)
-        messages = []
-        for i, turn in enumerate(turns):
-            where = f"messages[{i}]"
-            role = _string(turn, "role", location, prefix=where)
-            if role not in CHAT_ROLES:
-                raise BadRecord(
-                    location,
-                    f"field '{where}.role' has unknown role {role!r} (expected one of {', '.join(CHAT_ROLES)})",
-                    f"{where}.role",
-                )
-            messages.append(Message(role, _string(turn, "content", location, prefix=where)))
-        return ChatSample(location, tuple(messages), "messages")
+        roles = {role: role for role in CHAT_ROLES}
+        return ChatSample(location, _chat(value, location, "messages", "role", "content", roles), "messages")
     raise ValueError(f"unknown format {fmt!r}")
 
 
@@ -198,3 +175,19 @@ def _turns(record: Mapping, key: str, location: Location) -> list:
     if not value:
         raise BadRecord(location, f"field '{key}' is an empty list; a conversation needs at least one turn", key)
     return list(value)
+
+
+def _chat(value, location, field: str, role_key: str, text_key: str, roles: dict[str, str]) -> tuple:
+    """The turns of a chat record as Messages; `roles` maps the record's role names to ours."""
+    messages = []
+    for i, turn in enumerate(_turns(value, field, location)):
+        where = f"{field}[{i}]"
+        role = _string(turn, role_key, location, prefix=where)
+        if role not in roles:
+            raise BadRecord(
+                location,
+                f"field '{where}.{role_key}' has unknown role {role!r} (expected one of {', '.join(roles)})",
+                f"{where}.{role_key}",
+            )
+        messages.append(Message(roles[role], _string(turn, text_key, location, prefix=where)))
+    return tuple(messages)
