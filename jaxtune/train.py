@@ -204,12 +204,13 @@ class _Loop:
                 pending = None  # rolled back: this step's metrics belong to the abandoned timeline
                 continue
             pending = (self.step, metrics, int(np.count_nonzero(rows.segment_ids)))
-            if self._boundary_work_due():
+            stop = self._stop_requested()  # once a step: on several hosts it is a collective
+            if stop or self._boundary_work_due():
                 rolled_back = self._after_step(*pending)
                 pending = None
                 if rolled_back:
                     continue
-                reason = self._boundary_work() or reason
+                reason = self._boundary_work(stop) or reason
                 if reason != "completed":
                     break
         if pending is not None:
@@ -220,7 +221,7 @@ class _Loop:
         t, s = self.config.train, self.step
         return (
             s % t.log_every == 0 or s % t.save_every == 0 or s == self.total_steps
-            or (t.eval_every and s % t.eval_every == 0) or self._stop_requested()
+            or (t.eval_every and s % t.eval_every == 0)
         )
 
     def _stop_requested(self) -> bool:
@@ -228,7 +229,7 @@ class _Loop:
             self.should_stop and self.should_stop(self.step))
         return distributed.any_process(local)
 
-    def _boundary_work(self) -> str | None:
+    def _boundary_work(self, stop: bool) -> str | None:
         """Logging, evaluation, saving and stopping at a step boundary (metrics flushed)."""
         t, s = self.config.train, self.step
         if s % t.log_every == 0 or s == self.total_steps:
@@ -239,7 +240,7 @@ class _Loop:
                 return "early_stopping"
         if s % t.save_every == 0:
             self.ckpt.save(s, self.state, self.loop)
-        if self._stop_requested():
+        if stop:
             self.ckpt.save(s, self.state, self.loop)
             self.ckpt.wait()
             self.log.message(f"stopped at step {s}; checkpoint saved. Run the same command to continue.")
