@@ -67,22 +67,16 @@ def make_config(overrides: dict):
 
 
 def write_recipe(path, overrides: dict) -> str:
-    """A recipe file for run.py that sets these keys on the defaults."""
+    """A recipe file for run.py that sets these keys on the defaults (with `make_config`)."""
     body = textwrap.dedent(f"""
-        from jaxtune.config import defaults
+        import sys
 
-        OVERRIDES = {overrides!r}
+        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+        from run_helpers import make_config
 
 
         def get_config():
-            c = defaults()
-            for key, value in OVERRIDES.items():
-                node = c
-                *parents, last = key.split(".")
-                for p in parents:
-                    node = node[p]
-                node[last] = value
-            return c
+            return make_config({overrides!r})
     """)
     with open(path, "w") as f:
         f.write(body)
