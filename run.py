@@ -12,6 +12,9 @@ DEFAULT_CONFIG = os.path.join(ROOT, "configs", "demo.py")
 
 
 def main(argv):
+    from jaxtune.host_memory import keep_large_allocations_in_heap
+
+    keep_large_allocations_in_heap()  # before JAX starts its threads; see jaxtune/host_memory.py
     from jaxtune.config import parse_args
     from jaxtune.errors import exit_on_user_error
 

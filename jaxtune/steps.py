@@ -94,15 +94,20 @@ def make_train_step(graphdef, optimizer, schedule: Callable, settings: StepSetti
     grad_fn = jax.value_and_grad(lambda p, b: _loss_sum(graphdef, settings, p, b))
 
     def step(state: TrainState, batch: Batch):
-        zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-
         def micro(carry, mb):
             loss_acc, grad_acc = carry
             loss, grads = grad_fn(state.params, mb)
             grad_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_acc, grads)
             return (loss_acc + loss, grad_acc), None
 
-        (loss_sum, grads), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zero_grads), batch)
+        # The first micro-batch starts the sums: no zero-filled accumulator to add into
+        # (with one micro-batch, the common case, there is no accumulation at all).
+        first = jax.tree.map(lambda x: x[0], batch)
+        loss_sum, grads = grad_fn(state.params, first)
+        grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        if batch.input_ids.shape[0] > 1:
+            rest = jax.tree.map(lambda x: x[1:], batch)
+            (loss_sum, grads), _ = jax.lax.scan(micro, (loss_sum, grads), rest)
         tokens = jnp.sum(batch.loss_weights.astype(jnp.float32))
         denom = jnp.maximum(tokens, 1.0)
         loss = loss_sum / denom
