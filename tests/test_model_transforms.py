@@ -109,3 +109,23 @@ def test_every_parameter_matches_exactly_one_rule():
             sharding.param_spec(tuple(str(k.key) for k in kp))
     with pytest.raises(RuntimeError, match="matches 0 partition rules"):
         sharding.param_spec(("layers", "new_thing", "kernel"))
+
+
+def test_swiglu_backward_matches_autodiff_of_its_formula():
+    from jaxtune.models.swiglu import swiglu
+
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    g, u, d = (jax.random.normal(k, (64, 96)) * 3 for k in (k1, k2, k3))
+    plain = lambda g, u: jax.nn.silu(g) * u  # noqa: E731
+    out, vjp = jax.vjp(lambda g, u: swiglu(g, u, jnp.float32), g, u)
+    ref_out, ref_vjp = jax.vjp(plain, g, u)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-6, atol=1e-6)
+    for got, want in zip(vjp(d), ref_vjp(d)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # bf16 inputs: computed in float32, one rounding at the end, gradients in the inputs' dtype.
+    gb, ub = g.astype(jnp.bfloat16), u.astype(jnp.bfloat16)
+    out_b, vjp_b = jax.vjp(lambda g, u: swiglu(g, u, jnp.bfloat16), gb, ub)
+    assert out_b.dtype == jnp.bfloat16
+    exact = plain(gb.astype(jnp.float32), ub.astype(jnp.float32))
+    np.testing.assert_allclose(out_b.astype(jnp.float32), exact, rtol=8e-3, atol=1e-6)
+    assert all(x.dtype == jnp.bfloat16 for x in vjp_b(d.astype(jnp.bfloat16)))

@@ -27,6 +27,7 @@ from flax import nnx
 from jaxtune.errors import UserError
 from jaxtune.models.attention import causal_attention
 from jaxtune.models.matmul import dense
+from jaxtune.models.swiglu import swiglu
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _ROPE_KEYS = {
@@ -360,8 +361,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         dt = self.compute_dtype
-        hidden = jax.nn.silu(self.gate_proj(x, dt)) * self.up_proj(x, dt)
-        return self.down_proj(hidden, dt)
+        return self.down_proj(swiglu(self.gate_proj(x, dt), self.up_proj(x, dt), dt), dt)
 
 
 class DecoderLayer(nnx.Module):
