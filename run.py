@@ -12,13 +12,13 @@ DEFAULT_CONFIG = os.path.join(ROOT, "configs", "demo.py")
 
 
 def main(argv):
-    from jaxtune.host_memory import keep_large_allocations_in_heap
-
-    keep_large_allocations_in_heap()  # before JAX starts its threads; see jaxtune/host_memory.py
-    from jaxtune.config import parse_args
     from jaxtune.errors import exit_on_user_error
+    from jaxtune.host_memory import reexec_with_huge_pages
 
     with exit_on_user_error():
+        reexec_with_huge_pages()  # may restart this command once; see jaxtune/host_memory.py
+        from jaxtune.config import parse_args
+
         config = parse_args(argv, DEFAULT_CONFIG)
         from jaxtune.train import run
 

@@ -1,7 +1,21 @@
 """jaxtune: full-parameter fine-tuning of Llama-family models with JAX."""
 
-from jaxtune.models.hf_io import from_pretrained, save_pretrained
-from jaxtune.models.llama import Llama, LlamaConfig
-
 __version__ = "0.1.0"
 __all__ = ["from_pretrained", "save_pretrained", "Llama", "LlamaConfig", "__version__"]
+
+_LAZY = {
+    "from_pretrained": "jaxtune.models.hf_io",
+    "save_pretrained": "jaxtune.models.hf_io",
+    "Llama": "jaxtune.models.llama",
+    "LlamaConfig": "jaxtune.models.llama",
+}
+
+
+def __getattr__(name):
+    # Lazy, so that `import jaxtune.host_memory` (run.py's first step, before a possible
+    # re-exec) does not import JAX.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'jaxtune' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""The host allocator setting that `run.py` and `tools/bench.py` apply first thing."""
+"""The huge-page restart that `run.py` and `tools/bench.py` do first thing."""
 
 import os
 import subprocess
@@ -10,40 +10,51 @@ from jaxtune import host_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Allocates, writes and frees 64 MiB with malloc, then counts the page faults of writing a
-# second such block (numpy would ask for huge pages and hide the effect).
+# Restarts itself if useful, then counts the page faults of writing a fresh 64 MiB malloc block.
 PROBE = """
-import ctypes, resource
-from jaxtune.host_memory import keep_large_allocations_in_heap
-print("applied", keep_large_allocations_in_heap())
+import ctypes, os, resource, sys
+from jaxtune.host_memory import reexec_with_huge_pages
+print("start", os.getpid(), sys.argv[1:], flush=True)
+reexec_with_huge_pages()
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
-libc.free.argtypes = (ctypes.c_void_p,)
 size = 64 << 20
-first = libc.malloc(size); ctypes.memset(first, 1, size); libc.free(first)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-second = libc.malloc(size); ctypes.memset(second, 1, size)
+block = libc.malloc(size); ctypes.memset(block, 1, size)
 print("faults", resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print("tunables", os.environ.get("GLIBC_TUNABLES", ""))
 """
 
+
 def _probe(choice):
-    env = dict(os.environ, JAXTUNE_HOST_MALLOC=choice, PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True).stdout
-    fields = dict(line.split() for line in out.splitlines())
-    return fields["applied"] == "True", int(fields["faults"])
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env.update(JAXTUNE_HOST_MALLOC=choice, PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-c", PROBE, "an-argument"], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    lines = out.splitlines()
+    starts = [line for line in lines if line.startswith("start")]
+    faults = int(next(line for line in lines if line.startswith("faults")).split()[1])
+    tunables = next(line for line in lines if line.startswith("tunables")).split()[1:]
+    return starts, faults, tunables
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings are Linux-only")
-def test_freed_large_buffers_are_reused_without_page_faults():
-    applied, faults = _probe("heap")
-    assert applied
-    assert faults < 1000  # the freed 64 MiB is reused: its 16,384 pages are already mapped
-    applied, faults = _probe("system")
-    assert not applied
-    assert faults > 10000  # glibc's default maps fresh pages for the second buffer
+@pytest.mark.skipif(not host_memory.huge_pages_would_help(),
+                    reason="needs Linux, glibc >= 2.35 and transparent huge pages in 'madvise' mode")
+def test_restart_with_huge_pages_removes_page_faults():
+    starts, faults, tunables = _probe("huge")
+    # One restart, same process id and arguments; the restarted process does not restart again.
+    assert len(starts) == 2 and starts[0] == starts[1]
+    assert tunables == [host_memory.TUNABLE]
+    assert faults < 2000  # 2 MiB pages: 64 MiB is 32 of them (plus a few 4 KiB ones)
+
+    starts, faults, tunables = _probe("system")
+    assert len(starts) == 1 and tunables == []
+    assert faults > 10000  # 16,384 pages of 4 KiB
 
 
-def test_unknown_setting_is_refused(monkeypatch):
-    monkeypatch.setenv(host_memory.ENV_VAR, "jemalloc")
-    with pytest.raises(ValueError, match="JAXTUNE_HOST_MALLOC"):
-        host_memory.keep_large_allocations_in_heap()
+def test_unknown_setting_is_one_line_and_exit_2():
+    env = dict(os.environ, JAXTUNE_HOST_MALLOC="jemalloc")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "run.py")], env=env, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "JAXTUNE_HOST_MALLOC must be 'huge' or 'system'" in proc.stderr
+    assert "Traceback" not in proc.stderr

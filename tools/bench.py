@@ -191,16 +191,17 @@ def bench_compile(a) -> None:
 
 
 def main():
-    a = parse()
-    from jaxtune.host_memory import keep_large_allocations_in_heap
+    from jaxtune.host_memory import reexec_with_huge_pages
 
-    # As run.py does; it applies to torch's allocations in this process too.
-    heap = keep_large_allocations_in_heap()
+    # As run.py does (it may restart this command once); torch's allocations get it too.
+    reexec_with_huge_pages()
+    a = parse()
     import jax
 
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; shape vocab={a.vocab} hidden={a.hidden} "
           f"layers={a.layers} heads={a.heads}/{a.kv_heads} ffn={a.intermediate}; batch {a.batch}x{a.seq}; "
-          f"remat={a.remat} loss_chunk_len={a.loss_chunk_len}; host malloc: {'heap' if heap else 'system'}", flush=True)
+          f"remat={a.remat} loss_chunk_len={a.loss_chunk_len}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}",
+          flush=True)
     if a.compile:
         return bench_compile(a)
     for precision in (("fp32", "bf16") if a.precision == "both" else (a.precision,)):
