@@ -21,8 +21,10 @@ import jax.numpy as jnp
 def transpose_2d(x: jax.Array) -> jax.Array:
     """x.T, physically transposed (see the module docstring).
 
-    The barrier keeps XLA from fusing the transpose into the (rematerialised) producer of
-    `x`: such a fusion reads its inputs with a stride and took 44 ms instead of ~2 ms.
+    The barrier is meant to keep XLA from fusing the transpose into the (rematerialised)
+    elementwise producer of `x`, a fusion that reads with a stride and is slow. XLA:CPU
+    drops the barrier and in the model still makes such fusions (RMSNorm + transpose, see
+    DEVELOPERS.md); the compiled step differs slightly without it, so it stays.
     """
     m, n = x.shape
     x = jax.lax.optimization_barrier(x)
