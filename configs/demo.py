@@ -19,6 +19,7 @@ def get_config():
     c.model.hf_path = ensure_demo_model(os.path.join(ROOT, "demo_assets", "model"), data_dir)
     c.model.compute_dtype = "float32"
     c.model.remat = "none"
+    c.model.loss_chunk_len = 32  # only chunks that hold answer tokens run the lm head
     c.data.train_files = (os.path.join(data_dir, "train.jsonl"),)
     c.data.eval_files = (os.path.join(data_dir, "eval.jsonl"),)
     c.data.max_seq_len = 128

@@ -5,6 +5,11 @@ whole batch are `[B*T, vocab]` in float32 (4 GiB for 8k tokens of Llama 3). The 
 loss computes, per chunk of positions, the logits, the loss and already their gradients
 (softmax - one_hot), and keeps only `d hidden` and `d kernel`: no logits are stored for
 the backward pass and nothing is recomputed. `chunk_len=0` is one chunk.
+
+With several chunks, each row's trained positions (nonzero weight) are moved to the front
+first and only the chunks that hold any are computed: in SFT data most positions are
+prompt or padding and train nothing (84% in the demo's data), and they then cost no lm
+head. The result is the same up to the order of the float32 sums.
 """
 
 from __future__ import annotations
@@ -17,10 +22,42 @@ import jax.numpy as jnp
 from jaxtune.models.matmul import transpose_2d
 
 
-def _chunks(x, chunk_len):
-    """[B, T, ...] -> [T/c, B, c, ...] (the batch axis keeps its sharding)."""
-    b, t = x.shape[:2]
-    return jnp.moveaxis(x.reshape(b, t // chunk_len, chunk_len, *x.shape[2:]), 1, 0)
+def _trained_first(weights):
+    """Per row, the positions with a nonzero weight first (stable), and the inverse order."""
+    order = jnp.argsort(weights == 0, axis=1, stable=True)
+    return order, jnp.argsort(order, axis=1)
+
+
+def _take(x, order):
+    """x [B, T, ...] reordered along T, row by row (the batch axis keeps its sharding)."""
+    return jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _chunks_with_training(weights, chunk_len):
+    """How many leading chunks hold a trained position once each row is `_trained_first`."""
+    most = jnp.max(jnp.sum(weights != 0, axis=1))
+    return (most + chunk_len - 1) // chunk_len
+
+
+def _over_trained_chunks(fn, init, hidden, targets, weights, chunk_len):
+    """Fold `fn(carry, start, h, tgt, w)` over the chunks of `chunk_len` positions that hold
+    a trained position, after moving each row's trained positions to the front.
+
+    Positions that train nothing (prompt tokens, padding) then cost no lm head at all
+    unless they share a chunk with trained ones. Returns (carry, order, inverse order).
+    """
+    order, inverse = _trained_first(weights)
+    h, tgt, w = (_take(x, order) for x in (hidden, targets, weights))
+    n = _chunks_with_training(w, chunk_len)
+
+    def body(state):
+        i, carry = state
+        start = i * chunk_len
+        chunk = (jax.lax.dynamic_slice_in_dim(x, start, chunk_len, axis=1) for x in (h, tgt, w))
+        return i + 1, fn(carry, start, *chunk)
+
+    _, carry = jax.lax.while_loop(lambda state: state[0] < n, body, (jnp.zeros((), jnp.int32), init))
+    return carry, order, inverse
 
 
 def _chunk_logits(h, kernel, dtype):
@@ -37,6 +74,20 @@ def _chunk_stats(logits, targets, weights):
     return loss, correct, lse
 
 
+def _chunk_grads(h, kernel, targets, weights, dtype):
+    """Loss sum, d hidden [B, c, D] and d kernel of one chunk h [B, c, D]."""
+    d = h.shape[-1]
+    tgt, w = targets.reshape(-1), weights.reshape(-1).astype(jnp.float32)
+    logits = _chunk_logits(h, kernel, dtype)
+    loss, _, lse = _chunk_stats(logits, tgt, w)
+    one_hot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == tgt[:, None]
+    dlogits = ((jnp.exp(logits - lse[:, None]) - one_hot) * w[:, None]).astype(dtype)
+    # einsum, not dot(a, b.T): an explicit transpose makes XLA:CPU upcast this bf16 dot to f32.
+    dh = jnp.einsum("mv,dv->md", dlogits, kernel.astype(dtype), preferred_element_type=jnp.float32)
+    dk = jnp.dot(transpose_2d(h.reshape(-1, d).astype(dtype)), dlogits, preferred_element_type=jnp.float32)
+    return loss, dh.reshape(h.shape), dk
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def fused_loss_sum(hidden, kernel, targets, weights, dtype, chunk_len):
     """Sum over positions of `weights * CE(hidden @ kernel, targets)`.
@@ -47,26 +98,19 @@ def fused_loss_sum(hidden, kernel, targets, weights, dtype, chunk_len):
 
 
 def _fused_fwd(hidden, kernel, targets, weights, dtype, chunk_len):
-    b, t, d = hidden.shape
-    c = chunk_len or t
+    t = hidden.shape[1]
+    if not chunk_len or chunk_len >= t:  # one chunk: nothing to skip
+        loss, dhidden, dkernel = _chunk_grads(hidden, kernel, targets, weights, dtype)
+    else:
+        def step(carry, start, h, tgt, w):
+            loss, dh, dk = carry
+            loss_c, dh_c, dk_c = _chunk_grads(h, kernel, tgt, w, dtype)
+            return loss + loss_c, jax.lax.dynamic_update_slice_in_dim(dh, dh_c, start, axis=1), dk + dk_c
 
-    def step(dkernel, xs):
-        h, tgt, w = xs
-        tgt, w = tgt.reshape(-1), w.reshape(-1).astype(jnp.float32)
-        logits = _chunk_logits(h, kernel, dtype)
-        loss, _, lse = _chunk_stats(logits, tgt, w)
-        one_hot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == tgt[:, None]
-        dlogits = ((jnp.exp(logits - lse[:, None]) - one_hot) * w[:, None]).astype(dtype)
-        # einsum, not dot(a, b.T): an explicit transpose makes XLA:CPU upcast this bf16 dot to f32.
-        dh = jnp.einsum("mv,dv->md", dlogits, kernel.astype(dtype), preferred_element_type=jnp.float32)
-        dk = jnp.dot(transpose_2d(h.reshape(-1, d).astype(dtype)), dlogits, preferred_element_type=jnp.float32)
-        return dkernel + dk, (loss, dh.reshape(h.shape))
-
-    dkernel0 = jnp.zeros(kernel.shape, jnp.float32)
-    xs = (_chunks(hidden, c), _chunks(targets, c), _chunks(weights, c))
-    dkernel, (losses, dh) = jax.lax.scan(step, dkernel0, xs)
-    dhidden = jnp.moveaxis(dh, 0, 1).reshape(b, t, d)
-    return jnp.sum(losses), (dhidden, dkernel.astype(kernel.dtype), targets, weights)
+        init = (jnp.zeros((), jnp.float32), jnp.zeros(hidden.shape, jnp.float32), jnp.zeros(kernel.shape, jnp.float32))
+        (loss, dhidden, dkernel), _, inverse = _over_trained_chunks(step, init, hidden, targets, weights, chunk_len)
+        dhidden = _take(dhidden, inverse)
+    return loss, (dhidden, dkernel.astype(kernel.dtype), targets, weights)
 
 
 def _fused_bwd(dtype, chunk_len, residuals, g):
@@ -79,14 +123,17 @@ fused_loss_sum.defvjp(_fused_fwd, _fused_bwd)
 
 def loss_and_accuracy_sums(hidden, kernel, targets, weights, dtype, chunk_len=0):
     """(sum of weighted CE, sum of weighted correct argmax) without gradients, for evaluation."""
-    c = chunk_len or hidden.shape[1]
+    def stats(h, tgt, w):
+        loss, correct, _ = _chunk_stats(_chunk_logits(h, kernel, dtype), tgt.reshape(-1), w.reshape(-1).astype(jnp.float32))
+        return loss, correct
 
-    def step(_, xs):
-        h, tgt, w = xs
-        tgt, w = tgt.reshape(-1), w.reshape(-1).astype(jnp.float32)
-        loss, correct, _ = _chunk_stats(_chunk_logits(h, kernel, dtype), tgt, w)
-        return None, (loss, correct)
+    if not chunk_len or chunk_len >= hidden.shape[1]:
+        return stats(hidden, targets, weights)
 
-    xs = (_chunks(hidden, c), _chunks(targets, c), _chunks(weights, c))
-    _, (losses, correct) = jax.lax.scan(step, None, xs)
-    return jnp.sum(losses), jnp.sum(correct)
+    def step(carry, start, h, tgt, w):
+        loss, correct = stats(h, tgt, w)
+        return carry[0] + loss, carry[1] + correct
+
+    zero = jnp.zeros((), jnp.float32)
+    (loss, correct), _, _ = _over_trained_chunks(step, (zero, zero), hidden, targets, weights, chunk_len)
+    return loss, correct
