@@ -7,6 +7,7 @@ ratio is meaningful on a noisy machine. Benchmark on one device (no fake devices
     python tools/bench.py --precision bf16 --steps 20
     python tools/bench.py --compile             # compile time for 2 vs 16 layers (scan)
     python tools/bench.py --jax-only --remat dots --loss-chunk-len 64
+    python tools/bench.py --trained-fraction 0.16 --loss-chunk-len 32   # SFT-like rows
 
 MFU here is against the measured peak of a large matmul on this machine (a CPU has no
 data-sheet peak for XLA); on accelerators jaxtune's logs use the device's data-sheet peak.
@@ -39,9 +40,28 @@ def parse():
     p.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both")
     p.add_argument("--remat", default="dots")
     p.add_argument("--loss-chunk-len", type=int, default=0)
+    p.add_argument("--trained-fraction", type=float, default=1.0,
+                   help="SFT-like rows: samples of 64 tokens whose last fraction trains (both sides)")
     p.add_argument("--jax-only", action="store_true")
     p.add_argument("--compile", action="store_true", help="measure compile time vs depth instead")
-    return p.parse_args()
+    a = p.parse_args()
+    if not 0.0 < a.trained_fraction <= 1.0:
+        p.error("--trained-fraction must be in (0, 1].")
+    return a
+
+
+def trained_positions(a):
+    """[batch, seq] 0/1: rows of packed 64-token samples whose last `trained_fraction` trains
+    (the answer after a prompt, as in SFT data); all ones for the default 1.0."""
+    import numpy as np
+
+    weights = np.zeros((a.batch, a.seq), np.float32)
+    sample = min(64, a.seq)
+    answer = max(1, round(sample * a.trained_fraction))
+    for start in range(0, a.seq, sample):
+        end = min(start + sample, a.seq)
+        weights[:, max(start, end - answer):end] = 1.0
+    return weights
 
 
 def llama_config(a, layers=None):
@@ -86,7 +106,7 @@ class JaxRunner:
         class Rows:
             input_ids = ids
             targets = np.roll(ids, -1, axis=1)
-            loss_weights = np.ones_like(ids, dtype=np.float32)
+            loss_weights = trained_positions(a)
             positions = np.broadcast_to(np.arange(a.seq, dtype=np.int32), ids.shape).copy()
             segment_ids = np.ones_like(ids)
 
@@ -122,6 +142,10 @@ class TorchRunner:
         self.model = transformers.LlamaForCausalLM(cfg).train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.01)
         self.ids = torch.randint(0, a.vocab, (a.batch, a.seq))
+        # transformers shifts labels: labels[:, t + 1] is the target trained at position t
+        self.labels = self.ids.clone()
+        untrained = torch.from_numpy(trained_positions(a) == 0)
+        self.labels[:, 1:][untrained[:, :-1]] = -100
         self.bf16 = bf16
         self.torch = torch
 
@@ -130,7 +154,7 @@ class TorchRunner:
         t = time.perf_counter()
         for _ in range(steps):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-                loss = self.model(input_ids=self.ids, labels=self.ids).loss
+                loss = self.model(input_ids=self.ids, labels=self.labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.opt.step()
@@ -200,7 +224,7 @@ def main():
 
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; shape vocab={a.vocab} hidden={a.hidden} "
           f"layers={a.layers} heads={a.heads}/{a.kv_heads} ffn={a.intermediate}; batch {a.batch}x{a.seq}; "
-          f"remat={a.remat} loss_chunk_len={a.loss_chunk_len}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}",
+          f"remat={a.remat} loss_chunk_len={a.loss_chunk_len} trained={a.trained_fraction:.0%}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}",
           flush=True)
     if a.compile:
         return bench_compile(a)
