@@ -32,7 +32,8 @@ def defaults() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # master weights and optimizer state
     c.model.compute_dtype = "bfloat16"  # matmul inputs (accumulation is float32)
     c.model.remat = "dots"  # none | full | dots | dots_no_batch
-    c.model.loss_chunk_len = 0  # >0: lm head + loss over this many positions at a time, skipping chunks that train nothing
+    # >0: lm head + loss over this many positions at a time, skipping chunks that train nothing
+    c.model.loss_chunk_len = 0
     c.model.allow_pickle = False  # allow pytorch_model.bin (pickle runs code)
 
     c.mesh = ml_collections.ConfigDict()

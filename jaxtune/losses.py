@@ -44,7 +44,8 @@ def _over_trained_chunks(fn, init, hidden, targets, weights, chunk_len):
     a trained position, after moving each row's trained positions to the front.
 
     Positions that train nothing (prompt tokens, padding) then cost no lm head at all
-    unless they share a chunk with trained ones. Returns (carry, order, inverse order).
+    unless they share a chunk with trained ones. Returns the carry and the order that puts
+    a reordered [B, T, ...] array back (`_take(x, inverse)`).
     """
     order, inverse = _trained_first(weights)
     h, tgt, w = (_take(x, order) for x in (hidden, targets, weights))
@@ -57,7 +58,7 @@ def _over_trained_chunks(fn, init, hidden, targets, weights, chunk_len):
         return i + 1, fn(carry, start, *chunk)
 
     _, carry = jax.lax.while_loop(lambda state: state[0] < n, body, (jnp.zeros((), jnp.int32), init))
-    return carry, order, inverse
+    return carry, inverse
 
 
 def _chunk_logits(h, kernel, dtype):
@@ -74,10 +75,25 @@ def _chunk_stats(logits, targets, weights):
     return loss, correct, lse
 
 
+def _is_one_chunk(chunk_len, seq_len):
+    """`chunk_len` 0 (or the whole sequence) is one chunk: nothing to reorder or skip."""
+    return not chunk_len or chunk_len >= seq_len
+
+
+def _flat(targets, weights):
+    return targets.reshape(-1), weights.reshape(-1).astype(jnp.float32)
+
+
+def _chunk_sums(h, kernel, targets, weights, dtype):
+    """(loss sum, correct sum) of one chunk h [B, c, D], for evaluation."""
+    loss, correct, _ = _chunk_stats(_chunk_logits(h, kernel, dtype), *_flat(targets, weights))
+    return loss, correct
+
+
 def _chunk_grads(h, kernel, targets, weights, dtype):
     """Loss sum, d hidden [B, c, D] and d kernel of one chunk h [B, c, D]."""
     d = h.shape[-1]
-    tgt, w = targets.reshape(-1), weights.reshape(-1).astype(jnp.float32)
+    tgt, w = _flat(targets, weights)
     logits = _chunk_logits(h, kernel, dtype)
     loss, _, lse = _chunk_stats(logits, tgt, w)
     one_hot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == tgt[:, None]
@@ -98,8 +114,7 @@ def fused_loss_sum(hidden, kernel, targets, weights, dtype, chunk_len):
 
 
 def _fused_fwd(hidden, kernel, targets, weights, dtype, chunk_len):
-    t = hidden.shape[1]
-    if not chunk_len or chunk_len >= t:  # one chunk: nothing to skip
+    if _is_one_chunk(chunk_len, hidden.shape[1]):
         loss, dhidden, dkernel = _chunk_grads(hidden, kernel, targets, weights, dtype)
     else:
         def step(carry, start, h, tgt, w):
@@ -108,7 +123,7 @@ def _fused_fwd(hidden, kernel, targets, weights, dtype, chunk_len):
             return loss + loss_c, jax.lax.dynamic_update_slice_in_dim(dh, dh_c, start, axis=1), dk + dk_c
 
         init = (jnp.zeros((), jnp.float32), jnp.zeros(hidden.shape, jnp.float32), jnp.zeros(kernel.shape, jnp.float32))
-        (loss, dhidden, dkernel), _, inverse = _over_trained_chunks(step, init, hidden, targets, weights, chunk_len)
+        (loss, dhidden, dkernel), inverse = _over_trained_chunks(step, init, hidden, targets, weights, chunk_len)
         dhidden = _take(dhidden, inverse)
     return loss, (dhidden, dkernel.astype(kernel.dtype), targets, weights)
 
@@ -123,17 +138,13 @@ fused_loss_sum.defvjp(_fused_fwd, _fused_bwd)
 
 def loss_and_accuracy_sums(hidden, kernel, targets, weights, dtype, chunk_len=0):
     """(sum of weighted CE, sum of weighted correct argmax) without gradients, for evaluation."""
-    def stats(h, tgt, w):
-        loss, correct, _ = _chunk_stats(_chunk_logits(h, kernel, dtype), tgt.reshape(-1), w.reshape(-1).astype(jnp.float32))
-        return loss, correct
-
-    if not chunk_len or chunk_len >= hidden.shape[1]:
-        return stats(hidden, targets, weights)
+    if _is_one_chunk(chunk_len, hidden.shape[1]):
+        return _chunk_sums(hidden, kernel, targets, weights, dtype)
 
     def step(carry, start, h, tgt, w):
-        loss, correct = stats(h, tgt, w)
+        loss, correct = _chunk_sums(h, kernel, tgt, w, dtype)
         return carry[0] + loss, carry[1] + correct
 
     zero = jnp.zeros((), jnp.float32)
-    (loss, correct), _, _ = _over_trained_chunks(step, (zero, zero), hidden, targets, weights, chunk_len)
+    (loss, correct), _ = _over_trained_chunks(step, (zero, zero), hidden, targets, weights, chunk_len)
     return loss, correct

@@ -224,7 +224,8 @@ def main():
 
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; shape vocab={a.vocab} hidden={a.hidden} "
           f"layers={a.layers} heads={a.heads}/{a.kv_heads} ffn={a.intermediate}; batch {a.batch}x{a.seq}; "
-          f"remat={a.remat} loss_chunk_len={a.loss_chunk_len} trained={a.trained_fraction:.0%}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}",
+          f"remat={a.remat} loss_chunk_len={a.loss_chunk_len} trained={a.trained_fraction:.0%}; "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}",
           flush=True)
     if a.compile:
         return bench_compile(a)
