@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from data_helpers import WORDS, llama3_dir, plain_dir, write_jsonl  # noqa: F401
+from data_helpers import WORDS, llama3_dir, plain_dir, settings, write_jsonl  # noqa: F401
 
+from jaxtune.data import load_tokenizer, prepare_datasets
+from jaxtune.data.quality import check_data as check
 from jaxtune.data.quality import normalise
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,6 +123,17 @@ def test_config_recipe_and_flag_overrides(tmp_path, plain_dir):
     assert report["train"]["empty_fields"] == {"completion": 1}
     assert check_data.main(["--config", str(recipe), "--max-seq-len", "32", "--out", str(out)]) == 1
     assert json.loads(out.read_text())["max_seq_len"] == 32
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_rows_are_laid_out_as_training_will(tmp_path, plain_dir, packing):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "hello ", "completion": "world"}] * 6)
+    s = settings(data, plain_dir, packing=packing, max_seq_len=128)
+    tok = load_tokenizer(plain_dir)
+    report, _ = check(s, tok)
+    assert report.train.packed_rows == len(prepare_datasets(s, tok, log=lambda m: None).train)
+    assert report.train.packed_rows == (1 if packing else 6)
+    assert ("packed" if packing else "one sample per row") in report.summary()
 
 
 def test_unusable_input_exits_2_without_traceback(tmp_path, plain_dir):

@@ -84,6 +84,8 @@ CASES = [
      ["t.csv has no column 'output'", "format alpaca", "instruction, input"]),
     ("csv_short_row", csv_text("text,extra\na,b\nc\n"), {"format": "text"}, "plain",
      ["t.csv:3", "1 value(s) but the header has 2 columns"]),
+    ("csv_short_first_row", csv_text("text,extra\nc\na,b\n"), {"format": "text"}, "plain",
+     ["t.csv:2: the row has 1 value(s)"]),
     ("parquet_unknown_columns", parquet([{"question": "a", "answer": "b"}]), {}, "plain",
      ["t.parquet", "cannot tell the format from its columns (question, answer)"]),
     ("parquet_null_in_row", parquet([ALPACA, {"instruction": "x", "input": "", "output": None}]), {}, "plain",

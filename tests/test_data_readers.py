@@ -80,6 +80,14 @@ def test_nested_chat_columns(tmp_path, llama3_dir, kind):
     assert rows_of([path], llama3_dir).train.equals(reference.train)
 
 
+def test_csv_with_byte_order_mark_reads_like_without(tmp_path, llama3_dir):
+    plain = write_csv(tmp_path / "plain.csv", ALPACA)
+    bom = tmp_path / "excel.csv"  # Excel's "CSV UTF-8" starts the file with a byte order mark
+    bom.write_bytes(b"\xef\xbb\xbf" + (tmp_path / "plain.csv").read_bytes())
+    assert SourceFile(str(bom), "csv").columns() == ("instruction", "input", "output")
+    assert rows_of([str(bom)], llama3_dir).train.equals(rows_of([plain], llama3_dir).train)
+
+
 def test_globs_and_several_files_in_order(tmp_path, llama3_dir):
     (tmp_path / "d").mkdir()
     a = write_jsonl(tmp_path / "d" / "part-0.jsonl", ALPACA[:2])

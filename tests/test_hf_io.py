@@ -1,17 +1,23 @@
-"""Our safetensors writer produces checkpoints transformers loads as is."""
+"""Our safetensors writer produces checkpoints transformers loads as is; what we read, and refuse, clearly."""
 
 import json
 import os
+import re
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import transformers
 from flax import nnx
+from safetensors.numpy import load_file, save_file
 
 import jaxtune
+from jaxtune.errors import UserError
+from jaxtune.models import hf_io
 from jaxtune.models.hf_io import SafetensorsReader
-from helpers import assert_close_scaled, make_hf_llama, torch_logits
+from jaxtune.models.llama import LlamaConfig
+from helpers import TINY, assert_close_scaled, make_hf_llama, torch_logits
 
 
 def test_round_trip_through_transformers(tmp_path):
@@ -39,3 +45,62 @@ def test_bf16_checkpoint_loads_into_fp32_master_weights(tmp_path):
     np.testing.assert_array_equal(
         np.asarray(model.norm.weight[...]), ref.model.norm.weight.float().detach().numpy()
     )
+
+
+def test_tied_checkpoint_that_also_stores_lm_head(tmp_path):
+    make_hf_llama(tmp_path, num_key_value_heads=2, tie_word_embeddings=True)
+    file = tmp_path / "model.safetensors"
+    tensors = load_file(file)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()  # as some exporters write it
+    save_file(tensors, file, metadata={"format": "pt"})
+    ids = np.random.RandomState(0).randint(0, 128, (2, 24))
+    reference = torch_logits(transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval(), ids)
+    assert_close_scaled(jaxtune.from_pretrained(tmp_path)(jnp.asarray(ids)), reference)
+
+    # A head that differs is used by transformers (it unties them), which tied weights cannot express.
+    tensors["lm_head.weight"][-1] += 1.0
+    save_file(tensors, file, metadata={"format": "pt"})
+    untied = transformers.LlamaForCausalLM.from_pretrained(tmp_path)
+    assert not torch.equal(untied.lm_head.weight, untied.model.embed_tokens.weight)
+    with pytest.raises(UserError, match="tie_word_embeddings=true but the checkpoint's lm_head.weight differs"):
+        jaxtune.from_pretrained(tmp_path)
+    with pytest.raises(UserError):  # compared a block of rows at a time: the last block is checked too
+        hf_io._check_tied_head(SafetensorsReader(tmp_path), block=48)
+
+
+def _llama3_rope_without_original_length(d):
+    d["rope_parameters"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                            "high_freq_factor": 4.0, "rope_theta": 5e5}
+    del d["max_position_embeddings"]
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda d: d.pop("num_attention_heads"), "'num_attention_heads'"),
+    (lambda d: d.pop("hidden_size"), "'hidden_size'"),  # head_dim is absent, so hidden_size is read first
+    (lambda d: d.pop("vocab_size"), "'vocab_size'"),
+    (_llama3_rope_without_original_length, "rope_parameters.original_max_position_embeddings"),
+], ids=["num_attention_heads", "hidden_size", "vocab_size", "llama3_rope_length"])
+def test_incomplete_config_is_a_user_error_naming_the_field(edit, field):
+    d = transformers.LlamaConfig(**TINY).to_dict()
+    d.pop("head_dim", None)
+    edit(d)
+    with pytest.raises(UserError, match=f"^config.json: .*{field}"):
+        LlamaConfig.from_hf_dict(d)
+
+
+def _truncate(file):
+    data = open(file, "rb").read()
+    open(file, "wb").write(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("shards, damage, file", [
+    (None, _truncate, "model.safetensors"),  # a download that stopped part way
+    ("40KB", _truncate, "model-00002-of-*.safetensors"),
+    ("40KB", lambda f: open(f, "a").write("garbage"), "model.safetensors.index.json"),
+], ids=["truncated_file", "truncated_shard", "malformed_index"])
+def test_unreadable_checkpoint_files_are_user_errors(tmp_path, shards, damage, file):
+    make_hf_llama(tmp_path, max_shard_size=shards)
+    [path] = tmp_path.glob(file)
+    damage(path)
+    with pytest.raises(UserError, match=f"^{re.escape(str(path))}: cannot read the .* file \\(.+\\)\\.$"):
+        jaxtune.from_pretrained(tmp_path)

@@ -94,6 +94,7 @@ class QualityReport:
     max_seq_len: int
     truncation: str
     train_on_prompt: bool
+    packing: bool
     train: SplitQuality
     eval: SplitQuality | None
     overlap: Overlap | None
@@ -131,7 +132,8 @@ class QualityReport:
                 f"  trained tokens per sample: {q.trained_tokens}; {t.dropped_no_trained_tokens:,} sample(s) with none",
                 f"  duplicates: {q.exact_duplicates:,} exact, {q.near_duplicates:,} near (normalised text)",
                 "  empty fields: " + (", ".join(f"{k} {v:,}" for k, v in q.empty_fields.items()) or "none"),
-                f"  packed: {q.packed_rows:,} rows of {self.max_seq_len} ({100 * q.fill:.1f}% tokens)",
+                f"  rows: {q.packed_rows:,} of {self.max_seq_len} "
+                f"({'packed' if self.packing else 'one sample per row'}, {100 * q.fill:.1f}% tokens)",
             ]
         if self.overlap is not None:
             o = self.overlap
@@ -207,7 +209,8 @@ def check_data(settings: DataSettings, tokenizer, *, ngram: int = 13) -> tuple[Q
         overlap = _overlap(train_samples, eval_samples, ngram, findings)
     report = QualityReport(
         tokenizer=settings.tokenizer_path, max_seq_len=settings.max_seq_len, truncation=settings.truncation,
-        train_on_prompt=settings.train_on_prompt, train=train, eval=eval_q, overlap=overlap, findings=findings,
+        train_on_prompt=settings.train_on_prompt, packing=settings.packing, train=train, eval=eval_q,
+        overlap=overlap, findings=findings,
     )
     return report, train_tok
 
@@ -235,7 +238,7 @@ def _check_split(name, files, settings: DataSettings, encoder: SampleEncoder, fi
             kept.append(t)
         elif stats.dropped_no_trained_tokens > before:
             no_trained.append(str(s.location))
-    rows = pack(kept, settings.max_seq_len, packing=True)
+    rows = pack(kept, settings.max_seq_len, settings.packing)  # as training will lay them out
     stats.samples, stats.rows = len(kept), len(rows)
     stats.tokens, stats.trained_tokens = rows.num_tokens, rows.num_trained_tokens
     lengths = [len(s.ids) for s in tokenized]

@@ -115,7 +115,8 @@ def _source(path: str, key: str) -> SourceFile:
 
 
 def _open_text(path: str):
-    return open(path, encoding="utf-8", newline="")
+    # utf-8-sig drops the byte order mark Excel's "CSV UTF-8" writes, which would join the first column's name.
+    return open(path, encoding="utf-8-sig", newline="")
 
 
 def _read_jsonl(path: str) -> Iterator[Record | BadRecord]:
@@ -157,6 +158,8 @@ def _read_csv(path: str) -> Iterator[Record | BadRecord]:
     try:
         with _open_text(path) as f:
             reader = csv.DictReader(f)
+            if reader.fieldnames is None:  # reading the header first puts line_num where the data starts
+                return
             line = reader.line_num + 1
             for row in reader:
                 location = Location(path, line=line)

@@ -18,7 +18,7 @@ import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxtune.errors import UserError
@@ -29,6 +29,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 # Buffers some old checkpoints carry that are recomputed, not learned.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 ParamPath = tuple[str, ...]
 ShardingFn = Callable[[ParamPath, tuple[int, ...]], jax.sharding.Sharding]
@@ -68,7 +69,7 @@ def tensor_maps(c: LlamaConfig) -> dict[ParamPath, TensorMap]:
 
     layer = "model.layers.{layer}."
     table: dict[ParamPath, tuple[str, TensorMap]] = {
-        ("embed_tokens",): ("model.embed_tokens.weight", identity),
+        ("embed_tokens",): (EMBED, identity),
         ("norm", "weight"): ("model.norm.weight", identity),
         ("layers", "input_layernorm", "weight"): (layer + "input_layernorm.weight", identity),
         ("layers", "post_attention_layernorm", "weight"): (layer + "post_attention_layernorm.weight", identity),
@@ -89,7 +90,7 @@ def tensor_maps(c: LlamaConfig) -> dict[ParamPath, TensorMap]:
         for name in ("gate_proj", "up_proj", "down_proj"):
             table[("layers", "mlp", name, "bias")] = (layer + f"mlp.{name}.bias", identity)
     if not c.tie_word_embeddings:
-        table[("lm_head", "kernel")] = ("lm_head.weight", transpose)
+        table[("lm_head", "kernel")] = (HEAD, transpose)
     return {path: dataclasses.replace(m, hf_name=name) for path, (name, m) in table.items()}
 
 
@@ -102,16 +103,13 @@ class SafetensorsReader:
         index = os.path.join(self.path, SAFETENSORS_INDEX)
         single = os.path.join(self.path, SAFETENSORS_FILE)
         if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise UserError(f"{index}: no 'weight_map' object in the index file.")
+            weight_map = _read_weight_map(index)
             self.file_of = {name: os.path.join(self.path, file) for name, file in weight_map.items()}
             for file in set(self.file_of.values()):
                 if not os.path.isfile(file):
                     raise UserError(f"{index} lists {os.path.basename(file)}, which does not exist.")
         elif os.path.isfile(single):
-            with safe_open(single, framework="numpy") as f:
+            with _safe_open(single) as f:
                 self.file_of = {name: single for name in f.keys()}
         elif any(os.path.exists(os.path.join(self.path, p)) for p in PICKLE_FILES):
             if not allow_pickle:
@@ -133,13 +131,48 @@ class SafetensorsReader:
     def get(self, name: str) -> np.ndarray:
         if not self.file_of:
             return self._pickled[name]
+        return self._read(name, lambda h: h.get_tensor(name))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if not self.file_of:
+            return self._pickled[name].shape
+        return tuple(self._read(name, lambda h: h.get_slice(name).get_shape()))
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows start:stop of a tensor, without reading the rest of it."""
+        if not self.file_of:
+            return self._pickled[name][start:stop]
+        return self._read(name, lambda h: h.get_slice(name)[start:stop])
+
+    def _read(self, name: str, fn):
         file = self.file_of[name]
         if file not in self._handles:
-            self._handles[file] = safe_open(file, framework="numpy")
-        return self._handles[file].get_tensor(name)
+            self._handles[file] = _safe_open(file)
+        try:
+            return fn(self._handles[file])
+        except SafetensorError as e:
+            raise UserError(f"{file}: cannot read tensor {name} ({e}).") from None
 
     def close(self):
         self._handles.clear()
+
+
+def _safe_open(file: str):
+    try:
+        return safe_open(file, framework="numpy")
+    except SafetensorError as e:  # e.g. a download that stopped part way
+        raise UserError(f"{file}: cannot read the safetensors file ({e}).") from None
+
+
+def _read_weight_map(index: str) -> dict[str, str]:
+    try:
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map")
+    except (json.JSONDecodeError, AttributeError) as e:  # AttributeError: the JSON is not an object
+        raise UserError(f"{index}: cannot read the index file ({e}).") from None
+    if not isinstance(weight_map, dict):
+        raise UserError(f"{index}: no 'weight_map' object in the index file.")
+    return weight_map
 
 
 def _load_pickle_weights(path: str) -> dict[str, np.ndarray]:
@@ -150,8 +183,7 @@ def _load_pickle_weights(path: str) -> dict[str, np.ndarray]:
     files = [os.path.join(path, "pytorch_model.bin")]
     index = os.path.join(path, "pytorch_model.bin.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
+        files = sorted({os.path.join(path, v) for v in _read_weight_map(index).values()})
     out = {}
     for file in files:
         for name, t in torch.load(file, map_location="cpu", weights_only=True).items():
@@ -239,6 +271,9 @@ def load_params(
             leaves[param_path] = _assemble(
                 reader, tmap, leaf.shape, leaf.dtype, sharding, config.num_hidden_layers
             )
+        if config.tie_word_embeddings and HEAD in available:
+            _check_tied_head(reader)
+            used.add(HEAD)
     finally:
         reader.close()
     unexpected = sorted(n for n in available - used if not n.endswith(_IGNORED_SUFFIXES))
@@ -248,6 +283,25 @@ def load_params(
             f"({len(unexpected)} in all); is config.json right for these weights?"
         )
     return _rebuild(abstract_state, leaves)
+
+
+def _check_tied_head(reader: SafetensorsReader, block: int = 8192):
+    """Accepts a tied checkpoint that also stores lm_head.weight (some exporters and mergers
+    write it) when it equals the embedding: transformers then ties the two and ignores it.
+    When they differ transformers unties them and uses the stored head, which
+    tie_word_embeddings=true cannot express, so that is refused rather than computed differently.
+    Compares a block of rows at a time, so it never holds either whole tensor.
+    """
+    vocab = reader.shape(EMBED)[0]
+    same = reader.shape(HEAD) == reader.shape(EMBED) and all(
+        np.array_equal(reader.rows(EMBED, i, min(i + block, vocab)), reader.rows(HEAD, i, min(i + block, vocab)))
+        for i in range(0, vocab, block)
+    )
+    if not same:
+        raise UserError(
+            f"{reader.path}: config.json has tie_word_embeddings=true but the checkpoint's {HEAD} differs "
+            f"from {EMBED}; set tie_word_embeddings to false if the head was trained separately."
+        )
 
 
 def _rebuild(abstract_state, leaves: dict[ParamPath, jax.Array]):

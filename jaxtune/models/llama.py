@@ -124,12 +124,12 @@ class LlamaConfig:
             refuse("partial_rotary_factor", d["partial_rotary_factor"], "Llama rotates the whole head")
 
         rope_theta, scaling = _read_rope(d, refuse)
-        heads = int(d["num_attention_heads"])
-        kv_heads = d.get("num_key_value_heads") or heads
-        head_dim = d.get("head_dim") or int(d["hidden_size"]) // heads
         eos = d.get("eos_token_id", 2)
         eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
         try:
+            heads = int(d["num_attention_heads"])
+            kv_heads = d.get("num_key_value_heads") or heads
+            head_dim = d.get("head_dim") or int(d["hidden_size"]) // heads
             return cls(
                 vocab_size=int(d["vocab_size"]),
                 hidden_size=int(d["hidden_size"]),
@@ -232,6 +232,9 @@ def _read_rope(d: dict[str, Any], refuse) -> tuple[float, RopeScaling | None]:
         if key not in params:
             refuse(f"{field}.{key}", None, "rope_type 'llama3' needs it")
     original = params.get("original_max_position_embeddings") or d.get("max_position_embeddings")
+    if original is None:
+        why = "rope_type 'llama3' needs it (or max_position_embeddings)"
+        refuse(f"{field}.original_max_position_embeddings", None, why)
     return float(theta), RopeScaling(
         "llama3",
         float(params["factor"]),
