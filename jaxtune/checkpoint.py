@@ -24,7 +24,8 @@ from jaxtune.state import LoopState, TrainState
 TMP_MARKER = ".orbax-checkpoint-tmp"
 
 
-def _manager(directory, max_to_keep, best_fn=None, best_mode="min", items=("state", "loop")):
+def _manager(directory, max_to_keep, items, best_fn=None, best_mode="min"):
+    """`items` maps each item name to its handler (so metadata can be read before a restore)."""
     _remove_incomplete(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
@@ -34,7 +35,7 @@ def _manager(directory, max_to_keep, best_fn=None, best_mode="min", items=("stat
         cleanup_tmp_directories=True,
         create=True,
     )
-    return ocp.CheckpointManager(directory, options=options, item_names=items)
+    return ocp.CheckpointManager(directory, options=options, item_handlers=items)
 
 
 def _remove_incomplete(directory):
@@ -46,6 +47,31 @@ def _remove_incomplete(directory):
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
+_SETTINGS_BEHIND = {  # the first field of a TrainState path -> the settings that shape it
+    "params": " (model.hf_path or model.param_dtype changed?)",
+    "opt_state": " (an optimizer setting changed? e.g. optimizer.max_grad_norm 0 vs > 0)",
+    "loss_window": " (anomaly.window changed?)",
+}
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _shapes(tree) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
+    """{path: (shape, dtype)} of a tree of arrays, abstract arrays or Orbax array metadata."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {tuple(_key_name(k) for k in path): (tuple(leaf.shape), str(leaf.dtype)) for path, leaf in flat}
+
+
+def _describe(shape_dtype) -> str:
+    shape, dtype = shape_dtype
+    return f"{dtype}{list(shape)}"
+
+
 class Checkpointer:
     def __init__(self, workdir: str, *, keep: int, keep_best: int, metric: str, greater_is_better: bool,
                  on_corrupt: str = "error"):
@@ -53,10 +79,13 @@ class Checkpointer:
         self.best_directory = os.path.abspath(os.path.join(workdir, "best"))
         self.metric = metric
         self.on_corrupt = on_corrupt
-        self.manager = _manager(self.directory, keep)
+        self.manager = _manager(
+            self.directory, keep, {"state": ocp.StandardCheckpointHandler(), "loop": ocp.JsonCheckpointHandler()},
+        )
         self.best_manager = _manager(
-            self.best_directory, keep_best, best_fn=lambda m: m[metric],
-            best_mode="max" if greater_is_better else "min", items=("params", "meta"),
+            self.best_directory, keep_best,
+            {"params": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+            best_fn=lambda m: m[metric], best_mode="max" if greater_is_better else "min",
         )
 
     # ---- full training state ------------------------------------------------------------
@@ -84,13 +113,22 @@ class Checkpointer:
 
         Best-model checkpoints written after the restored step belong to a timeline that
         is replayed from here, so they are removed: `best/` always agrees with the
-        restored early-stopping and best-model state.
+        restored early-stopping and best-model state. A checkpoint whose arrays do not have
+        the shapes this config makes is a config change, not corruption: that is an error
+        whatever `on_corrupt` says, and the checkpoint is left as it is.
         """
         for step in reversed(self.steps()):
+            where = os.path.join(self.directory, str(step))
+            change = self._config_change(step, abstract_state)
+            if change:
+                raise UserError(
+                    f"checkpoint {where} was written with another configuration: {change}. Resume with the "
+                    "settings it was written with, or use a new workdir (or train.resume=never with "
+                    "train.overwrite=True)."
+                )
             try:
                 state, loop = self.restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 - any unreadable file means a corrupt checkpoint
-                where = os.path.join(self.directory, str(step))
                 if self.on_corrupt != "fallback":
                     raise UserError(
                         f"checkpoint {where} is corrupted or unreadable ({type(e).__name__}: {str(e)[:200]}); "
@@ -100,8 +138,28 @@ class Checkpointer:
                 log(f"warning: checkpoint {where} is unreadable ({type(e).__name__}); moved it to "
                     f"{where}.corrupt and trying the previous one")
                 continue
-            self._discard_best_after(step)
+            self.discard_best_after(step)
             return step, state, loop
+        return None
+
+    def _config_change(self, step: int, abstract_state: TrainState) -> str | None:
+        """What differs between the arrays saved at `step` and `abstract_state`, in words;
+        None when they agree or the metadata cannot be read (then the restore will tell)."""
+        try:
+            saved = _shapes(self.manager.item_metadata(step)["state"])
+        except Exception:  # noqa: BLE001 - unreadable metadata: left to the restore's corruption handling
+            return None
+        expected = _shapes(abstract_state)
+        if not saved or saved == expected:
+            return None
+        for path in sorted(set(saved) | set(expected)):
+            if saved.get(path) != expected.get(path):
+                name = ".".join(path)
+                hint = _SETTINGS_BEHIND.get(path[0], "")
+                if path not in saved or path not in expected:
+                    there = "is not in the checkpoint" if path not in saved else "is in the checkpoint only"
+                    return f"{name} {there}{hint}"
+                return f"{name} is {_describe(saved[path])} there and {_describe(expected[path])} here{hint}"
         return None
 
     def _set_aside(self, step: int) -> None:
@@ -110,7 +168,8 @@ class Checkpointer:
             os.replace(where, f"{where}.corrupt")
         self.manager.reload()
 
-    def _discard_best_after(self, step: int) -> None:
+    def discard_best_after(self, step: int) -> None:
+        """Removes best-model checkpoints after `step` (all of them for -1: a fresh start)."""
         self.best_manager.wait_until_finished()
         for later in [s for s in self.best_manager.all_steps() if s > step]:
             self.best_manager.delete(later)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
+import re
 from typing import Sequence
 
 import ml_collections
@@ -104,6 +105,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.logging.wandb_project = "jaxtune"
     c.logging.peak_flops = 0.0  # per device, for MFU; 0: from the device kind (see README)
     c.logging.plot = True  # curves.png at the end
+    c.lock()  # a recipe that assigns a misspelt key fails instead of being ignored
     return c
 
 
@@ -119,14 +121,26 @@ def load_recipe(path: str) -> ml_collections.ConfigDict:
     try:
         config = module.get_config()
     except AttributeError as e:  # assigning a key that does not exist in the locked defaults
+        raise UserError(f"config file {path}: {_unknown_key_message(e)}") from None
+    except TypeError as e:  # ml_collections refuses a value of the wrong type
         raise UserError(f"config file {path}: {e}") from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise UserError(f"config file {path}: get_config() must return an ml_collections.ConfigDict.")
     return config
 
 
-def _parse_value(key: str, text: str, current):
-    if isinstance(current, bool) or text.lower() in ("true", "false") and current is None:
+def _unknown_key_message(error: AttributeError) -> str:
+    """ml_collections' message lists every field of the section; keep the key and its hint."""
+    text = str(error).strip("'\"")
+    key = re.search(r'Key "([^"]+)" does not exist', text)
+    if key is None:
+        return text
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    return f"unknown key {key.group(1)!r}" + (f" (did you mean {hint.group(1)!r}?)" if hint else "") + "."
+
+
+def _parse_value(key: str, text: str, current, declared: type):
+    if declared is bool:
         low = text.lower()
         if low in ("true", "1", "yes"):
             return True
@@ -165,13 +179,13 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> No
     current = node[parts[-1]]
     if isinstance(current, ml_collections.ConfigDict):
         raise UserError(f"--config.{key} is a section; set one of its keys instead.")
-    value = _parse_value(key, text, current)
+    # A placeholder (None until set) declares its type on its reference.
+    declared = node.get_ref(parts[-1]).get_type() if current is None else type(current)
+    value = _parse_value(key, text, current, declared)
     try:
         node[parts[-1]] = value
     except TypeError:
-        raise UserError(
-            f"--config.{key} expects a {type(current).__name__}, got {text!r}."
-        ) from None
+        raise UserError(f"--config.{key} expects a value of type {declared.__name__}, got {text!r}.") from None
 
 
 def parse_args(argv: Sequence[str], default_config: str) -> ml_collections.ConfigDict:
@@ -235,6 +249,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     m, d, t, o = config.model, config.data, config.train, config.optimizer
     if not config.workdir:
         raise UserError("workdir must be set.")
+    if os.path.exists(config.workdir) and not os.path.isdir(config.workdir):
+        raise UserError(f"workdir {config.workdir} exists and is not a directory.")
     if not m.hf_path:
         raise UserError("model.hf_path must name a local Hugging Face Llama directory.")
     _choice(m.param_dtype, DTYPES, "model.param_dtype")

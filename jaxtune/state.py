@@ -41,20 +41,21 @@ class TrainState:
 
 @dataclasses.dataclass
 class EarlyStoppingState:
-    """As transformers' EarlyStoppingCallback: patience counts evaluations without an
-    improvement larger than `min_delta` (absolute) over the best value seen."""
+    """As transformers' EarlyStoppingCallback: an evaluation resets the patience counter when
+    it beats the best value so far by more than `min_delta` (absolute); the best value moves
+    on any improvement (as the Trainer's `best_metric` does), small ones included."""
 
     best: float | None = None
     bad_evals: int = 0
 
     def update(self, value: float, greater_is_better: bool, min_delta: float) -> None:
-        improved = self.best is None or (
-            value - self.best > min_delta if greater_is_better else self.best - value > min_delta
-        )
-        if improved:
-            self.best, self.bad_evals = value, 0
+        better = self.best is None or (value > self.best if greater_is_better else value < self.best)
+        if better and (self.best is None or abs(value - self.best) > min_delta):
+            self.bad_evals = 0
         else:
             self.bad_evals += 1
+        if better:
+            self.best = value
 
     def should_stop(self, patience: int) -> bool:
         return patience > 0 and self.bad_evals >= patience
@@ -74,6 +75,18 @@ class BestModelState:
 
 
 @dataclasses.dataclass
+class IntervalState:
+    """Train metrics since the last log line; checkpointed, so a log line after a restart
+    averages the same steps as in an uninterrupted run."""
+
+    losses: list[float] = dataclasses.field(default_factory=list)  # of applied steps
+    grad_norms: list[float] = dataclasses.field(default_factory=list)
+    steps: int = 0
+    skipped: int = 0
+    lr: float | None = None
+
+
+@dataclasses.dataclass
 class LoopState:
     epoch: int = 0  # data-loader position: the next batch is (epoch, batch_index)
     batch_index: int = 0
@@ -82,6 +95,7 @@ class LoopState:
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # metrics.jsonl records
     rollbacks: int = 0
     stopped_early: bool = False
+    interval: IntervalState = dataclasses.field(default_factory=IntervalState)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -91,4 +105,5 @@ class LoopState:
         d = dict(d)
         d["early_stopping"] = EarlyStoppingState(**d.get("early_stopping", {}))
         d["best"] = BestModelState(**d.get("best", {}))
+        d["interval"] = IntervalState(**d.get("interval", {}))
         return cls(**d)

@@ -50,7 +50,8 @@ class StepMetrics:
     loss: float
     grad_norm: float
     lr: float
-    tokens: float
+    tokens: float  # trained tokens (loss weights) in the global batch
+    input_tokens: int  # non-padding tokens in the global batch: what throughput counts
     applied: bool
     consecutive_skipped: int
 
@@ -134,7 +135,7 @@ def make_train_step(graphdef, optimizer, schedule: Callable, settings: StepSetti
         )
         metrics = dict(
             loss=loss, grad_norm=grad_norm, lr=schedule(state.applied), tokens=tokens,
-            applied=ok, consecutive_skipped=new_state.consecutive_skipped,
+            input_tokens=jnp.sum(batch.segment_ids != 0, dtype=jnp.int32), applied=ok, consecutive_skipped=new_state.consecutive_skipped,
         )
         return new_state, metrics
 
@@ -181,5 +182,5 @@ def fetch_metrics(metrics) -> StepMetrics:
     m = jax.device_get(metrics)
     return StepMetrics(
         loss=float(m["loss"]), grad_norm=float(m["grad_norm"]), lr=float(m["lr"]), tokens=float(m["tokens"]),
-        applied=bool(m["applied"]), consecutive_skipped=int(m["consecutive_skipped"]),
+        input_tokens=int(m["input_tokens"]), applied=bool(m["applied"]), consecutive_skipped=int(m["consecutive_skipped"]),
     )

@@ -30,7 +30,7 @@ from jaxtune.models.hf_io import abstract_model, load_params
 from jaxtune.models.llama import LlamaConfig
 from jaxtune.optim import OptimizerSettings, build_optimizer, lr_schedule, num_warmup_steps
 from jaxtune.preemption import StopRequest
-from jaxtune.state import LoopState, TrainState
+from jaxtune.state import IntervalState, LoopState, TrainState
 from jaxtune.steps import (
     StepSettings, fetch_metrics, make_eval_step, make_train_step, state_shardings, to_global_batch,
 )
@@ -152,6 +152,7 @@ class _Loop:
             log(f"resuming from step {self.step} ({os.path.join(self.ckpt.directory, str(self.step))})")
         else:
             self.step, self.loop = 0, LoopState()
+            self.ckpt.discard_best_after(-1)  # left by a run that died before its first checkpoint
             self.state = self._fresh_state()
         self.loader.position = LoaderPosition(self.loop.epoch, self.loop.batch_index)
         step_settings = StepSettings(
@@ -191,8 +192,11 @@ class _Loop:
 
     # ---- the loop ------------------------------------------------------------------------
     def train(self) -> RunResult:
+        if self.loop.stopped_early:  # the same command again after early stopping: nothing to train
+            self.log.message(f"this run stopped early at step {self.step}; nothing more to train")
+            return self._finish("early_stopping")
         reason = "completed"
-        self._interval = _Interval()
+        self._interval = _Interval(self.loop.interval)
         pending = None
         while self.step < self.total_steps:
             rows = self.loader.next_batch()
@@ -203,7 +207,8 @@ class _Loop:
             if pending is not None and self._after_step(*pending):
                 pending = None  # rolled back: this step's metrics belong to the abandoned timeline
                 continue
-            pending = (self.step, metrics, int(np.count_nonzero(rows.segment_ids)))
+            # Booked one step late, so the host reads metrics while the next step runs.
+            pending = (self.step, metrics, self.loader.position)
             stop = self._stop_requested()  # once a step: on several hosts it is a collective
             if stop or self._boundary_work_due():
                 rolled_back = self._after_step(*pending)
@@ -234,6 +239,7 @@ class _Loop:
         t, s = self.config.train, self.step
         if s % t.log_every == 0 or s == self.total_steps:
             self._log_interval()
+        paused = time.perf_counter()
         if self.eval_rows is not None and t.eval_every and s % t.eval_every == 0:
             if self._evaluate():
                 self.ckpt.save(s, self.state, self.loop)
@@ -245,50 +251,56 @@ class _Loop:
             self.ckpt.wait()
             self.log.message(f"stopped at step {s}; checkpoint saved. Run the same command to continue.")
             return "preempted"
-        if self._interval.steps == 0:  # just logged: eval and save time is not training time
-            self._interval.start = time.perf_counter()
+        self._interval.exclude(time.perf_counter() - paused)  # eval and save time is not training time
         return None
 
-    def _after_step(self, step: int, metrics, tokens: int) -> bool:
-        """Books one step's metrics; True if persistent anomalies rolled the state back."""
+    def _after_step(self, step: int, metrics, position) -> bool:
+        """Books one step's metrics; True if persistent anomalies rolled the state back.
+
+        `position` is the data position right after that step's batch.
+        """
         m = fetch_metrics(metrics)
-        self._interval.add(m, tokens)
+        self._interval.add(m)
         self.log.advance()
         if not m.applied:
             why = "non-finite loss or gradients" if not (math.isfinite(m.loss) and math.isfinite(m.grad_norm)) \
                 else f"loss spike ({m.loss:.4g} > {self.config.anomaly.spike_factor} x running median)"
             self.log.message(f"step {step} skipped: {why}")
         if m.consecutive_skipped >= self.config.anomaly.max_consecutive:
-            self._persistent_anomaly(step, m.consecutive_skipped)
+            self._persistent_anomaly(step, m.consecutive_skipped, position)
             return True
         return False
 
-    def _persistent_anomaly(self, step: int, count: int) -> None:
+    def _persistent_anomaly(self, step: int, count: int, position) -> None:
+        """Restores the last checkpoint; data continues with the batch after the bad ones."""
         a = self.config.anomaly
         what = f"{count} consecutive steps were skipped as anomalous (last at step {step})"
         self.ckpt.wait()
         if a.on_persistent == "stop" or not self.ckpt.steps():
             self.log.close(plot=False)
             raise AnomalyStop(f"{what}; stopping (the last good checkpoint is in {self.ckpt.directory}).")
-        position = self.loader.position
+        self.loader.position = position  # a batch already fetched after the bad ones is used again
         restored_step, self.state, restored_loop = self.ckpt.restore_latest(self.abstract_state)
         restored_loop.epoch, restored_loop.batch_index = position.epoch, position.batch_index
         restored_loop.rollbacks = self.loop.rollbacks + 1
         restored_loop.history = self.log.history  # the log keeps what happened before the rollback
         self.loop, self.step = restored_loop, restored_step
+        self._interval = _Interval(self.loop.interval)
         self.log.message(f"{what}; rolled back to step {restored_step}, data continues past the bad batches")
         self.log.log({"step": step, "event": "rollback", "to_step": restored_step, "skipped_in_a_row": count})
 
     def _log_interval(self) -> None:
         iv, now = self._interval, time.perf_counter()
-        record = {"step": self.step, "epoch": self.loop.epoch, **iv.summary(now)}
+        epochs = self.loop.epoch + self.loop.batch_index / self.loader.steps_per_epoch  # as the HF Trainer logs it
+        record = {"step": self.step, "epoch": round(epochs, 4), **iv.summary(now)}
         tps = record.get("tokens_per_sec")
         if tps is not None and self.peak:
             record["mfu"] = tps * self.flops_per_token / (self.peak * jax.device_count())
         else:
             record["mfu"] = None
         self.log.log(record)
-        self._interval = _Interval(start=now)
+        self.loop.interval = IntervalState()
+        self._interval = _Interval(self.loop.interval, start=now)
 
     def _evaluate(self) -> bool:
         """Evaluates; saves the best parameters; True when early stopping says stop."""
@@ -330,33 +342,47 @@ class _Loop:
 
 
 class _Interval:
-    """Train metrics between two log lines; skipped steps are counted, never averaged in."""
+    """Train metrics between two log lines; skipped steps are counted, never averaged in.
 
-    def __init__(self, start: float | None = None):
+    The metrics live in the checkpointed `IntervalState`; time and tokens are this
+    process's own (throughput after a restart is measured afresh).
+    """
+
+    def __init__(self, state: IntervalState, start: float | None = None):
+        self.state = state
         self.start = start
-        self.losses, self.norms, self.tokens = [], [], 0
-        self.steps = self.skipped = 0
-        self.lr = None
+        self.tokens = 0
 
-    def add(self, m, tokens: int) -> None:
-        self.steps += 1
-        self.lr = m.lr
+    @property
+    def steps(self) -> int:
+        return self.state.steps
+
+    def add(self, m) -> None:
+        st = self.state
+        st.steps += 1
+        st.lr = m.lr
         if m.applied:
-            self.losses.append(m.loss)
-            self.norms.append(m.grad_norm)
+            st.losses.append(m.loss)
+            st.grad_norms.append(m.grad_norm)
         else:
-            self.skipped += 1
+            st.skipped += 1
         if self.start is None:  # the first step includes compilation: time from its end
             self.start = time.perf_counter()
         else:
-            self.tokens += tokens
+            self.tokens += m.input_tokens
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent on something else (evaluation, saving) inside the interval."""
+        if self.start is not None:
+            self.start += seconds
 
     def summary(self, now: float) -> dict:
+        st = self.state
         elapsed = now - self.start if self.start is not None else 0.0
         return {
-            "loss": float(np.mean(self.losses)) if self.losses else None,
-            "lr": self.lr,
-            "grad_norm": float(np.mean(self.norms)) if self.norms else None,
+            "loss": float(np.mean(st.losses)) if st.losses else None,
+            "lr": st.lr,
+            "grad_norm": float(np.mean(st.grad_norms)) if st.grad_norms else None,
             "tokens_per_sec": self.tokens / elapsed if elapsed > 0 and self.tokens else None,
-            "skipped": self.skipped,
+            "skipped": st.skipped,
         }

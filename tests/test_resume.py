@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -206,10 +207,40 @@ def test_metric_direction_and_min_delta():
     for value in (1.0, 0.95, 0.949, 0.90):  # improvements of 0.05, 0.001, 0.049 against min_delta 0.01
         es.update(value, greater_is_better=False, min_delta=0.01)
     assert (es.best, es.bad_evals) == (0.90, 0)
-    es.update(0.895, greater_is_better=False, min_delta=0.01)
-    assert (es.best, es.bad_evals, es.should_stop(2)) == (0.90, 1, False)
+    es.update(0.895, greater_is_better=False, min_delta=0.01)  # better, but by less than min_delta
+    assert (es.best, es.bad_evals, es.should_stop(2)) == (0.895, 1, False)
     es.update(0.91, greater_is_better=False, min_delta=0.01)
     assert es.should_stop(2)
+
+
+@pytest.mark.parametrize("greater_is_better", [False, True])
+@pytest.mark.parametrize("values, min_delta", [
+    ((1.0, 0.95, 0.90, 0.85, 0.80), 0.1),  # steady small gains: transformers stops at the 4th
+    ((1.0, 0.95, 0.949, 0.90, 0.895, 0.91, 0.7, 0.71), 0.01),
+    ((2.0, 2.0, 1.5, 1.6, 1.4, 1.4), 0.0),
+])
+def test_early_stopping_counts_as_transformers_callback(values, min_delta, greater_is_better):
+    """The patience counter after each evaluation equals the one of transformers'
+    EarlyStoppingCallback, whose best value is the Trainer's (moved by any improvement)."""
+    from types import SimpleNamespace
+
+    from transformers import EarlyStoppingCallback, TrainerState
+
+    from jaxtune.state import EarlyStoppingState
+
+    sign = -1.0 if greater_is_better else 1.0
+    callback = EarlyStoppingCallback(early_stopping_patience=3, early_stopping_threshold=min_delta)
+    args = SimpleNamespace(greater_is_better=greater_is_better)  # all the check reads of TrainingArguments
+    hf_state, ours = TrainerState(), EarlyStoppingState()
+    for value in values:
+        value = sign * value
+        callback.check_metric_value(args, hf_state, None, value)
+        if hf_state.best_metric is None or (value > hf_state.best_metric if greater_is_better
+                                            else value < hf_state.best_metric):
+            hf_state.best_metric = value  # what the Trainer does after the callback
+        ours.update(value, greater_is_better, min_delta)
+        assert ours.bad_evals == callback.early_stopping_patience_counter, (values, value)
+        assert ours.best == hf_state.best_metric
 
 
 def test_best_model_follows_a_greater_is_better_metric(reference, tmp_path):
@@ -224,10 +255,8 @@ def test_best_model_follows_a_greater_is_better_metric(reference, tmp_path):
 def _expected_stop(evals, patience, min_delta=0.0):
     best, bad = None, 0
     for step, value in evals:
-        if best is None or best - value > min_delta:
-            best, bad = value, 0
-        else:
-            bad += 1
+        bad = 0 if best is None or best - value > min_delta else bad + 1
+        best = value if best is None else min(best, value)
         if bad >= patience:
             return step
     return None
@@ -326,3 +355,86 @@ def test_resume_on_more_devices(reference, tmp_path, devices):
     ours, theirs = train_losses(result.history), train_losses(ref.history)
     assert ours.keys() == theirs.keys()
     np.testing.assert_allclose([ours[s] for s in ours], [theirs[s] for s in ours], atol=1e-5)
+
+
+def test_a_fresh_start_clears_best_models_of_a_run_that_died_before_its_first_checkpoint(reference, tmp_path):
+    overrides, _ = reference
+    config = make_config(_unstable(overrides, tmp_path / "run", max_steps=6, train__save_every=100))
+    first = run(config)
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # what a kill before the first save leaves
+    assert os.listdir(tmp_path / "run" / "best")
+    again = run(config)  # used to fail: best/<step> already existed
+    assert _comparable(again.history) == _comparable(first.history)
+    # With another config, best/ holds only what this run produced.
+    other = run(make_config(_unstable(overrides, tmp_path / "run2", max_steps=6, train__save_every=100)))
+    shutil.rmtree(tmp_path / "run2" / "checkpoints")
+    changed = run(make_config(_unstable(overrides, tmp_path / "run2", max_steps=4, train__save_every=100,
+                                        train__seed=1, train__load_best_at_end=True)))
+    evals = {r["step"]: r["eval_loss"] for r in changed.history if "eval_loss" in r}
+    assert changed.loop.best.step == min(evals, key=evals.get)
+    ckpt = Checkpointer(str(tmp_path / "run2"), keep=2, keep_best=1, metric="eval_loss", greater_is_better=False)
+    assert ckpt.best_manager.all_steps() == [changed.loop.best.step]
+    assert other.history != changed.history
+
+
+@pytest.mark.parametrize("on_corrupt", ["error", "fallback"])
+def test_a_config_change_is_named_and_never_taken_for_corruption(reference, tmp_path, on_corrupt):
+    overrides, _ = reference
+    run(make_config(overrides(tmp_path / "run", train__save_every=2)), should_stop=lambda step: step == 4)
+    ckpts = tmp_path / "run" / "checkpoints"
+    before = sorted(os.listdir(ckpts))
+    changed = make_config(overrides(tmp_path / "run", anomaly__window=16, checkpoint__on_corrupt=on_corrupt))
+    with pytest.raises(UserError, match=re.escape(
+            "checkpoints/4 was written with another configuration: loss_window is float32[32] there and "
+            "float32[16] here (anomaly.window changed?)")):
+        run(changed)
+    no_clip = make_config(overrides(tmp_path / "run", optimizer__max_grad_norm=0.0, checkpoint__on_corrupt=on_corrupt))
+    with pytest.raises(UserError, match=r"written with another configuration: opt_state\..* \(an optimizer setting"):
+        run(no_clip)
+    assert sorted(os.listdir(ckpts)) == before  # nothing set aside
+    assert run(make_config(overrides(tmp_path / "run"))).step == 12  # the original config resumes
+
+
+def test_the_same_command_after_early_stopping_trains_no_more(reference, tmp_path):
+    overrides, _ = reference
+    config = make_config(_unstable(overrides, tmp_path / "es", early_stopping__patience=2))
+    stopped = run(config)
+    assert stopped.stop_reason == "early_stopping" and stopped.step < 16
+    again = run(config)
+    assert again.stop_reason == "early_stopping" and again.step == stopped.step
+    assert again.history == stopped.history
+    assert read_metrics(tmp_path / "es") == stopped.history
+
+
+def test_log_lines_after_a_restart_average_the_same_steps(reference, tmp_path):
+    overrides, _ = reference
+    whole = run(make_config(overrides(tmp_path / "whole", train__log_every=4)))
+    config = make_config(overrides(tmp_path / "run", train__log_every=4))
+    assert run(config, should_stop=lambda step: step == 5).stop_reason == "preempted"  # mid-interval
+    resumed = run(config)
+    assert [r["step"] for r in resumed.history if "loss" in r] == [4, 8, 12]
+    assert _comparable(resumed.history) == _comparable(whole.history)
+
+
+def test_rollback_reuses_a_batch_fetched_after_the_bad_ones(reference, tmp_path, monkeypatch):
+    overrides, _ = reference
+    _poison(monkeypatch, {5, 6, 7})
+    result = run(make_config(overrides(tmp_path / "run", anomaly__max_consecutive=3, train__log_every=4)))
+    assert [(r["step"], r["to_step"]) for r in result.history if r.get("event") == "rollback"] == [(7, 4)]
+    # 7 batches before the rollback to step 4 (batch 8 was fetched, then handed back), 8 after.
+    assert result.step == 12 and (result.loop.epoch, result.loop.batch_index) == (0, 15)
+
+
+def test_evaluation_time_is_not_counted_as_training_time(reference, tmp_path, monkeypatch):
+    overrides, _ = reference
+    original = jaxtune.train.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        time.sleep(2.0)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(jaxtune.train, "evaluate", slow_evaluate)
+    result = run(make_config(overrides(tmp_path / "run", train__log_every=4, train__eval_every=6)))
+    tps = {r["step"]: r["tokens_per_sec"] for r in result.history if "loss" in r}
+    # Steps 5-8 include the evaluation at step 6; counted, it would cut their rate ~10x.
+    assert tps[8] > 0.5 * tps[4], tps

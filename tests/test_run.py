@@ -2,9 +2,11 @@
 
 import json
 import os
+import re
 
 import pytest
 
+from jaxtune.config import apply_override, defaults, load_recipe, validate
 from jaxtune.errors import UserError
 from jaxtune.train import run
 from run_helpers import ROOT, make_config, read_metrics, run_py, write_recipe
@@ -14,7 +16,8 @@ from run_helpers import ROOT, make_config, read_metrics, run_py, write_recipe
     "args, message",
     [
         (["--config.optimizer.nope=1"], "unknown config key 'optimizer.nope'"),
-        (["--config.train.global_batch_size=abc"], "--config.train.global_batch_size expects a int"),
+        (["--config.train.global_batch_size=abc"], "--config.train.global_batch_size expects a value of type int"),
+        (["--config.checkpoint.greater_is_better=maybe"], "--config.checkpoint.greater_is_better expects true or false"),
         (["--config.optimizer.schedule=exponential"], "optimizer.schedule must be one of"),
         (["--config.train.global_batch_size=6", "--config.train.grad_accum_steps=4"], "must be a multiple of"),
         (["--config", "configs/missing.py"], "config file configs/missing.py does not exist"),
@@ -31,6 +34,35 @@ def test_config_errors_are_one_line_before_any_work(args, message, tmp_path):
     assert message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not workdir.exists()
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("c.train.max_step = 5", "unknown key 'max_step' (did you mean 'max_steps'?)"),
+        ("c.optimizer.learning_rate = 1e-3", "unknown key 'learning_rate'"),
+        ("c.data.train_files = 'train.jsonl'", "Could not override field 'train_files'"),
+    ],
+)
+def test_a_recipe_that_sets_a_misspelt_key_or_a_wrong_type_is_refused(line, message, tmp_path):
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(f"from jaxtune.config import defaults\n\ndef get_config():\n    c = defaults()\n    {line}\n    return c\n")
+    with pytest.raises(UserError, match=re.escape(f"config file {recipe}: {message}")):
+        load_recipe(str(recipe))
+
+
+@pytest.mark.parametrize("text, value", [("1", True), ("yes", True), ("false", False), ("0", False)])
+def test_a_placeholder_bool_takes_the_spellings_of_a_bool(text, value):
+    config = defaults()
+    apply_override(config, "checkpoint.greater_is_better", text)
+    assert config.checkpoint.greater_is_better is value
+
+
+def test_a_workdir_that_is_a_file_is_refused(tiny, tmp_path):
+    path = tmp_path / "a_file"
+    path.write_text("")
+    with pytest.raises(UserError, match="exists and is not a directory"):
+        validate(make_config(tiny(workdir=str(path))))
 
 
 def test_batch_that_does_not_divide_the_mesh_is_refused(tiny):
@@ -56,8 +88,11 @@ def test_a_run_writes_config_metrics_tensorboard_and_curves(tiny, tmp_path, caps
     train_lines = [r for r in records if "loss" in r]
     eval_lines = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in train_lines] == [2, 4, 6, 8, 10, 12]
+    captured = capsys.readouterr()
+    steps_per_epoch = int(re.search(r"\((\d+) per epoch\)", captured.out).group(1))
     for r in train_lines:
         assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "skipped"} <= set(r)
+        assert r["epoch"] == round(r["step"] / steps_per_epoch, 4)  # fractional, as the HF Trainer logs it
     # MFU from the configured peak: tokens/s x FLOPs per token / (peak x devices).
     from jaxtune.flops import flops_per_token
     from jaxtune.models.llama import LlamaConfig
@@ -74,7 +109,7 @@ def test_a_run_writes_config_metrics_tensorboard_and_curves(tiny, tmp_path, caps
 
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tensorboard")))
     assert os.path.getsize(os.path.join(workdir, "curves.png")) > 1000
-    assert "wandb package is not installed" in capsys.readouterr().err
+    assert "wandb package is not installed" in captured.err
 
 
 def test_without_a_peak_mfu_is_null_on_cpu(tiny):

@@ -74,6 +74,16 @@ def test_loss_is_normalised_by_trained_tokens_of_the_global_batch(ckpt):
     np.testing.assert_allclose(trainer.step(rows)["loss"], expected, rtol=1e-5)
 
 
+def test_step_counts_the_input_tokens_of_the_global_batch(ckpt):
+    """Throughput counts non-padding tokens of the whole global batch, computed on the devices:
+    on several hosts each process holds only its slice of the rows."""
+    rows = synthetic_rows(8, 32, seed=7)
+    rows.segment_ids[:, 20:] = 0  # padding
+    rows.segment_ids[3, 5:] = 0
+    metrics = Trainer(ckpt, sharding.MeshShape(2, 2, 1), accum=2).step(rows)
+    assert int(metrics["input_tokens"]) == np.count_nonzero(rows.segment_ids) == 7 * 20 + 5
+
+
 def test_schedule_matches_hand_computed_table():
     s = OptimizerSettings(lr=1.0, schedule="linear", warmup_steps=4, min_lr_ratio=0.0)
     lin = lr_schedule(s, total_steps=12)
