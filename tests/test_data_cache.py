@@ -76,21 +76,54 @@ def test_changes_miss_the_cache(tmp_path, llama3_dir, tokenize_calls):
     assert len(os.listdir(cache_dir)) == 6  # one entry per distinct input
 
 
-def test_damaged_entry_is_rebuilt(tmp_path, llama3_dir):
+def test_no_cache_dir_writes_nothing(tmp_path, llama3_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", CHATS)
+    before = sorted(os.listdir(tmp_path))
+    _, log = prepare(settings(data, llama3_dir, cache_dir=""), llama3_dir)
+    assert "cache" not in log and sorted(os.listdir(tmp_path)) == before
+
+
+@pytest.mark.parametrize("damage", ["zero_length", "half", "garbage"])
+def test_an_entry_damaged_in_any_way_is_rebuilt(tmp_path, llama3_dir, damage):
     data = write_jsonl(tmp_path / "d.jsonl", CHATS)
     s = settings(data, llama3_dir, cache_dir=str(tmp_path / "cache"))
     first, _ = prepare(s, llama3_dir)
     (entry,) = os.listdir(tmp_path / "cache")
-    with open(tmp_path / "cache" / entry / "train.npz", "wb") as f:
-        f.write(b"truncated")
+    npz = tmp_path / "cache" / entry / "train.npz"
+    content = npz.read_bytes()
+    npz.write_bytes({"zero_length": b"", "half": content[: len(content) // 2], "garbage": b"truncated"}[damage])
     again, log = prepare(s, llama3_dir)
     assert "cache miss" in log and again.train.equals(first.train)
     third, log = prepare(s, llama3_dir)
     assert "cache hit" in log and third.train.equals(first.train)
 
 
-def test_no_cache_dir_writes_nothing(tmp_path, llama3_dir):
-    data = write_jsonl(tmp_path / "d.jsonl", CHATS)
-    before = sorted(os.listdir(tmp_path))
-    _, log = prepare(settings(data, llama3_dir, cache_dir=""), llama3_dir)
-    assert "cache" not in log and sorted(os.listdir(tmp_path)) == before
+def test_runs_sharing_a_cache_can_write_the_same_entry_at_once(tmp_path):
+    """A sweep started at once: every run misses and saves the same key; all must succeed."""
+    import threading
+
+    from jaxtune.data import cache
+    from jaxtune.data.rows import Rows
+
+    rows = Rows.padding(2000, 256)  # a few MB, so that the writes overlap
+    errors = []
+    for trial in range(8):
+        cache_dir = str(tmp_path / f"cache{trial}")
+        barrier = threading.Barrier(4)
+
+        def write():
+            barrier.wait()
+            try:
+                cache.save(cache_dir, "k" * 32, {}, rows, None, {"trial": 1})
+            except Exception as e:  # noqa: BLE001 - collected for the assertion
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=write) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        loaded = cache.load(cache_dir, "k" * 32)
+        assert loaded is not None and loaded[0].equals(rows)
+        assert os.listdir(cache_dir) == ["k" * 32]  # no temporary or set-aside copies left
+    assert errors == []

@@ -3,8 +3,10 @@
 An entry is keyed by everything that decides its rows: the data files (path, size,
 modification time), the tokenizer's content (vocabulary, merges, special tokens, chat
 template, turn-ending tokens), the settings that shape rows, the process slice and the
-pipeline version. It is written to a temporary directory and renamed into place, so a
-crash never leaves a half-written entry that a later run would trust.
+pipeline version. It is written to a temporary directory (files synced to disk) and renamed
+into place, so a crash never leaves a half-written entry that a later run would trust; an
+entry that cannot be read for any reason is rebuilt. Runs sharing a cache directory may
+write the same entry at once: the first complete one stays, the others' copies are dropped.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 
 import numpy as np
 
@@ -58,7 +61,7 @@ def load(cache_dir: str, key: str) -> tuple[Rows, Rows | None, dict] | None:
         train = _load_rows(os.path.join(path, "train.npz"))
         eval_file = os.path.join(path, "eval.npz")
         eval_rows = _load_rows(eval_file) if os.path.isfile(eval_file) else None
-    except (OSError, ValueError, KeyError):
+    except Exception:  # noqa: BLE001 - truncated, zero-length, not a zip, wrong fields: rebuild
         return None
     return train, eval_rows, report
 
@@ -76,23 +79,48 @@ def save(cache_dir: str, key: str, inputs: dict, train: Rows, eval_rows: Rows | 
             json.dump({"pipeline_version": PIPELINE_VERSION, **inputs}, f, indent=1, sort_keys=True)
         with open(os.path.join(tmp, "report.json"), "w") as f:  # written last: marks the entry complete
             json.dump(report, f, indent=1)
-        if os.path.isdir(final):  # an unreadable entry that load() refused
-            shutil.rmtree(final)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not os.path.isfile(os.path.join(final, "report.json")):
-                raise
-            shutil.rmtree(tmp)  # another process with the same key finished first
+            _sync(f)
+        if not _move_into_place(tmp, final, cache_dir, key):
+            shutil.rmtree(tmp)  # another run wrote the same entry first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
 
 
+def _move_into_place(tmp: str, final: str, cache_dir: str, key: str) -> bool:
+    """Renames `tmp` to `final`; False when a readable entry is already there.
+
+    An existing `final` is either a complete entry from a run with the same key (kept) or
+    an unreadable one (moved to a unique name, then deleted, so that two runs replacing it
+    at once never delete each other's files).
+    """
+    for _ in range(3):
+        try:
+            os.rename(tmp, final)  # fails when `final` exists and is not empty
+            return True
+        except OSError:
+            if load(cache_dir, key) is not None:
+                return False
+            trash = f"{final}.{uuid.uuid4().hex}.trash"
+            try:
+                os.rename(final, trash)
+            except OSError:  # another run moved or replaced it just now: look again
+                continue
+            shutil.rmtree(trash, ignore_errors=True)
+    os.rename(tmp, final)  # still contended: let the error say why
+    return True
+
+
+def _sync(f) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
 def _save_rows(path: str, rows: Rows) -> None:
     with open(path, "wb") as f:
         np.savez(f, **{name: getattr(rows, name) for name in FIELDS})
+        _sync(f)
 
 
 def _load_rows(path: str) -> Rows:
