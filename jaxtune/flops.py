@@ -11,23 +11,37 @@ be hardware FLOPs utilisation). MFU = tokens/s per device * FLOPs per token / pe
 
 from __future__ import annotations
 
+import re
+
 import jax
 
 from jaxtune.models.llama import LlamaConfig
 
-# Dense bf16/fp16 peak FLOP/s per device (no sparsity), by jax `device_kind` substring.
+# Dense bf16/fp16 peak FLOP/s per device (no sparsity), by a name in jax's `device_kind`
+# (e.g. "NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "TPU v5 lite"). The first name that
+# appears as a whole word wins, so the variants come before their family's name.
 PEAK_BF16 = (
     ("H200", 989e12),
-    ("H100", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM
     ("A100", 312e12),
     ("L40S", 362e12),
+    ("L40", 181e12),
     ("L4", 121e12),
     ("A10G", 70e12),
-    ("TPU v6", 918e12),
+    ("TPU v6", 918e12),  # v6e ("TPU v6 lite")
     ("TPU v5p", 459e12),
-    ("TPU v5", 197e12),  # v5e / "TPU v5 lite"
+    ("TPU v5", 197e12),  # v5e ("TPU v5 lite")
     ("TPU v4", 275e12),
 )
+
+
+def peak_for_device_kind(kind: str) -> float | None:
+    for name, peak in PEAK_BF16:
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(name)}(?![A-Za-z0-9])", kind, re.IGNORECASE):
+            return peak
+    return None
 
 
 def matmul_params(c: LlamaConfig) -> int:
@@ -48,8 +62,4 @@ def peak_flops_per_device(compute_dtype: str, configured: float = 0.0) -> float 
         return configured
     if compute_dtype == "float32":
         return None  # fp32 peaks depend on TF32 settings; give logging.peak_flops
-    kind = jax.devices()[0].device_kind
-    for name, peak in PEAK_BF16:
-        if name.lower() in kind.lower():
-            return peak
-    return None
+    return peak_for_device_kind(jax.devices()[0].device_kind)

@@ -1,8 +1,9 @@
 """What a run reports: progress bar, metrics.jsonl, TensorBoard, W&B, curves.png.
 
-Every record is one JSON object in <workdir>/metrics.jsonl. The file is rewritten from
-the checkpoint's history on resume, so it always describes the run that the parameters
-came from. Only process 0 prints and writes.
+Every record is one JSON object in <workdir>/metrics.jsonl. The file, and TensorBoard's
+event files, are rewritten from the checkpoint's history on resume, so they always describe
+the run that the parameters came from; W&B continues the same run (its id is part of the
+checkpointed state). Only process 0 prints and writes.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 from typing import Any
 
@@ -18,7 +20,7 @@ import jax
 
 class RunLogger:
     def __init__(self, workdir: str, config, *, total_steps: int, start_step: int, history: list[dict],
-                 enabled: bool | None = None):
+                 wandb_id: str | None = None, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.workdir = workdir
         self.history = history
@@ -36,7 +38,12 @@ class RunLogger:
         if lc.tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            tb_dir = os.path.join(workdir, "tensorboard")
+            shutil.rmtree(tb_dir, ignore_errors=True)  # may hold steps after the restored checkpoint
+            self.tb = SummaryWriter(tb_dir)
+            for record in history:
+                self._tb_scalars(record)
+            self.tb.flush()
         if lc.wandb:
             try:
                 import wandb
@@ -46,7 +53,7 @@ class RunLogger:
             else:
                 self.wandb = wandb.init(
                     project=lc.wandb_project, dir=workdir, config=config.to_dict(),
-                    name=os.path.basename(os.path.abspath(workdir)), resume="allow",
+                    name=os.path.basename(os.path.abspath(workdir)), id=wandb_id, resume="allow",
                 )
         if lc.progress_bar:
             from tqdm import tqdm
@@ -59,15 +66,19 @@ class RunLogger:
             return
         self.file.write(json.dumps(record) + "\n")
         step = record["step"]
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and value is not None and math.isfinite(value):
-                if self.tb is not None:
-                    self.tb.add_scalar(key, value, step)
+        if self.tb is not None:
+            self._tb_scalars(record)
+            self.tb.flush()  # a killed run keeps what it logged
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
         if self.bar is not None:
             shown = {k: record[k] for k in ("loss", "lr", "tokens_per_sec", "eval_loss") if k in record}
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if v is not None}, refresh=False)
+
+    def _tb_scalars(self, record: dict[str, Any]) -> None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                self.tb.add_scalar(key, value, record["step"])
 
     def message(self, text: str) -> None:
         if not self.enabled:

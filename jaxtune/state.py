@@ -96,6 +96,7 @@ class LoopState:
     rollbacks: int = 0
     stopped_early: bool = False
     interval: IntervalState = dataclasses.field(default_factory=IntervalState)
+    wandb_id: str | None = None  # the W&B run this training run logs to, across restarts
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

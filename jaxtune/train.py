@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import time
+import uuid
 from typing import Any, Callable
 
 import jax
@@ -167,8 +168,11 @@ class _Loop:
             os.makedirs(c.workdir, exist_ok=True)
             with open(os.path.join(c.workdir, "config.json"), "w") as f:
                 json.dump(_resolved_config(c, self.mesh.devices.shape, self.data_settings), f, indent=2)
+        if self.loop.wandb_id is None:
+            self.loop.wandb_id = uuid.uuid4().hex[:16]  # used (and checkpointed) by process 0 only
         self.log = RunLogger(c.workdir, c, total_steps=self.total_steps, start_step=self.step,
-                             history=self.loop.history)  # one list: what is logged is checkpointed
+                             history=self.loop.history,  # one list: what is logged is checkpointed
+                             wandb_id=self.loop.wandb_id)
         self.log.message(data.report.summary())
         self.log.message(
             f"{self.model_config.num_params / 1e6:.1f}M parameters on mesh "

@@ -438,3 +438,46 @@ def test_evaluation_time_is_not_counted_as_training_time(reference, tmp_path, mo
     tps = {r["step"]: r["tokens_per_sec"] for r in result.history if "loss" in r}
     # Steps 5-8 include the evaluation at step 6; counted, it would cut their rate ~10x.
     assert tps[8] > 0.5 * tps[4], tps
+
+
+def _tensorboard_scalars(workdir, tag):
+    """(step, value) of every `tag` scalar in the run's event files (TFRecord framing)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out = []
+    for path in sorted(glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents*"))):
+        data, i = open(path, "rb").read(), 0
+        while i + 12 <= len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[i + 12:i + 12 + n])
+            out += [(event.step, v.simple_value) for v in event.summary.value if v.tag == tag]
+            i += 12 + n + 4
+    return sorted(out)
+
+
+def test_tensorboard_and_wandb_after_a_restart_describe_one_run(reference, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    overrides, _ = reference
+    inits, logged = [], []
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: inits.append(kw) or fake
+    fake.log = lambda data, step: logged.append(step)
+    fake.finish = lambda: None
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    config = make_config(overrides(tmp_path / "run", logging__wandb=True))
+    run(config, should_stop=lambda step: step == 6)
+    # What a kill after logging step 6 leaves when the last checkpoint is step 4.
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "6")
+    result = run(config)
+    losses = _tensorboard_scalars(tmp_path / "run", "loss")
+    assert [s for s, _ in losses] == list(range(1, 13))  # each step once: none lost, none doubled
+    np.testing.assert_allclose([v for _, v in losses], [train_losses(result.history)[s] for s in range(1, 13)],
+                               rtol=1e-6)
+    assert [s for s, _ in _tensorboard_scalars(tmp_path / "run", "eval_loss")] == [4, 8, 12]
+    assert len(inits) == 2 and inits[0]["id"] is not None and inits[1]["id"] == inits[0]["id"]
+    assert inits[1]["resume"] == "allow"

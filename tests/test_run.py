@@ -117,6 +117,18 @@ def test_without_a_peak_mfu_is_null_on_cpu(tiny):
     assert all(r["mfu"] is None for r in result.history if "loss" in r)
 
 
+@pytest.mark.parametrize("kind, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12),
+    ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12), ("TPU v5 lite", 197e12), ("TPU v5p", 459e12),
+    ("TPU v6 lite", 918e12), ("TPU v4", 275e12), ("cpu", None), ("NVIDIA GeForce RTX 4090", None),
+])
+def test_peak_is_the_data_sheet_figure_of_that_exact_device(kind, peak):
+    from jaxtune.flops import peak_for_device_kind
+
+    assert peak_for_device_kind(kind) == peak
+
+
 def test_eval_fraction_holds_out_train_records(tiny):
     result = run(make_config(tiny(data__eval_files=(), data__eval_fraction=0.1, train__max_steps=4)))
     evals = [r for r in result.history if "eval_loss" in r]

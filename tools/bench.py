@@ -52,7 +52,8 @@ def parse():
 
 def trained_positions(a):
     """[batch, seq] 0/1: rows of packed 64-token samples whose last `trained_fraction` trains
-    (the answer after a prompt, as in SFT data); all ones for the default 1.0."""
+    (the answer after a prompt, as in SFT data); all ones for the default 1.0. A row's last
+    position has no next token, so it trains nothing (as in torch, whose labels shift)."""
     import numpy as np
 
     weights = np.zeros((a.batch, a.seq), np.float32)
@@ -61,6 +62,7 @@ def trained_positions(a):
     for start in range(0, a.seq, sample):
         end = min(start + sample, a.seq)
         weights[:, max(start, end - answer):end] = 1.0
+    weights[:, -1] = 0.0
     return weights
 
 
@@ -140,7 +142,9 @@ class TorchRunner:
         )
         cfg._attn_implementation = "sdpa"
         self.model = transformers.LlamaForCausalLM(cfg).train()
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.01)
+        # fused: the HF Trainer's default optimizer (adamw_torch_fused) with this torch, and 3x faster
+        # than the default per-tensor loop on CPU.
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
         self.ids = torch.randint(0, a.vocab, (a.batch, a.seq))
         # transformers shifts labels: labels[:, t + 1] is the target trained at position t
         self.labels = self.ids.clone()
