@@ -27,7 +27,7 @@ from jaxtune.errors import UserError
 from jaxtune.evaluate import EvalResult, evaluate
 from jaxtune.flops import flops_per_token, peak_flops_per_device
 from jaxtune.logging import RunLogger
-from jaxtune.models.hf_io import abstract_model, load_params
+from jaxtune.models.hf_io import abstract_model, check_checkpoint, load_params
 from jaxtune.models.llama import LlamaConfig
 from jaxtune.optim import OptimizerSettings, build_optimizer, lr_schedule, num_warmup_steps
 from jaxtune.preemption import StopRequest
@@ -117,6 +117,7 @@ class _Loop:
         )
         self.abstract_params = nnx.as_pure(abstract)
         sharding.tree_shardings(self.mesh, self.abstract_params)  # unshardable parameter -> UserError now
+        check_checkpoint(c.model.hf_path, self.model_config, c.model.allow_pickle)  # before the workdir is touched
         resume = _prepare_workdir(c)
 
         # Data: validated and tokenized before any weight is loaded.

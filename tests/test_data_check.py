@@ -10,6 +10,7 @@ import pytest
 from data_helpers import WORDS, llama3_dir, plain_dir, settings, write_jsonl  # noqa: F401
 
 from jaxtune.data import load_tokenizer, prepare_datasets
+from jaxtune.errors import UserError
 from jaxtune.data.quality import check_data as check
 from jaxtune.data.quality import normalise
 
@@ -143,3 +144,15 @@ def test_unusable_input_exits_2_without_traceback(tmp_path, plain_dir):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: --data: {tmp_path / 'missing.jsonl'} does not exist."
+
+
+@pytest.mark.parametrize("where", ["missing_dir", "a_directory"])
+def test_an_unwritable_out_path_is_refused_before_the_check(tmp_path, plain_dir, where, monkeypatch):
+    from jaxtune.data import quality
+
+    out = tmp_path / "nope" / "r.json" if where == "missing_dir" else tmp_path
+    monkeypatch.setattr(quality, "check_data", lambda *a, **k: pytest.fail("the check ran"))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello world"}])
+    with pytest.raises(UserError, match=r"--out .*: not a file in an existing directory"):
+        check_data.main(["--data", data, "--tokenizer", plain_dir, "--out", str(out)])
+

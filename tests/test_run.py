@@ -3,6 +3,8 @@
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -63,6 +65,29 @@ def test_a_workdir_that_is_a_file_is_refused(tiny, tmp_path):
     path.write_text("")
     with pytest.raises(UserError, match="exists and is not a directory"):
         validate(make_config(tiny(workdir=str(path))))
+
+
+def test_a_model_directory_without_usable_weights_fails_before_the_workdir_is_touched(tiny, tmp_path):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    source = tiny()["model.hf_path"]
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(source, no_weights)
+    os.remove(no_weights / "model.safetensors")
+    workdir = tmp_path / "run"
+    with pytest.raises(UserError, match="no model.safetensors"):
+        run(make_config(tiny(workdir=workdir, **{"model__hf_path": str(no_weights)})))
+    assert not workdir.exists()  # so train.resume=never does not refuse the next try
+    missing = tmp_path / "missing_tensor"
+    shutil.copytree(source, missing)
+    tensors = load_file(missing / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, missing / "model.safetensors")
+    with pytest.raises(UserError, match="has no tensor model.layers.1.mlp.up_proj.weight"):
+        run(make_config(tiny(workdir=workdir, **{"model__hf_path": str(missing)})))
+    assert not workdir.exists()
 
 
 def test_batch_that_does_not_divide_the_mesh_is_refused(tiny):
@@ -222,3 +247,14 @@ def test_progress_bar_and_wandb_are_wired(tiny, monkeypatch, capsys):
     assert "2/2" in capsys.readouterr().err  # the tqdm bar
     workdir = tiny()["workdir"]
     assert not os.path.exists(os.path.join(workdir, "curves.png"))  # logging.plot=False
+
+
+def test_bench_arguments_are_checked_in_one_line():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), "--batch", "0"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "--batch must be at least 1" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), "--kv-heads", "4", "--jax-only", "--precision", "fp32"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: num_attention_heads (6) must be a multiple of num_key_value_heads (4).")

@@ -47,6 +47,13 @@ def parse():
     a = p.parse_args()
     if not 0.0 < a.trained_fraction <= 1.0:
         p.error("--trained-fraction must be in (0, 1].")
+    for name in ("vocab", "hidden", "layers", "heads", "kv_heads", "intermediate", "batch", "seq", "steps", "rounds"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1.")
+    if a.loss_chunk_len < 0 or (a.loss_chunk_len and a.seq % a.loss_chunk_len):
+        p.error("--loss-chunk-len must be 0 or divide --seq.")
+    if a.hidden % a.heads:
+        p.error("--hidden must be a multiple of --heads.")
     return a
 
 
@@ -238,4 +245,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from jaxtune.errors import exit_on_user_error
+
+    with exit_on_user_error():  # e.g. heads not a multiple of kv heads, an unknown --remat
+        main()

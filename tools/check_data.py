@@ -1,6 +1,6 @@
 """Checks training data before an expensive run: what would be trained, and what is wrong.
 
-    python tools/check_data.py --data train.jsonl [--eval eval.jsonl] --tokenizer DIR --max-seq-len 2048
+    python tools/check_data.py --data train.jsonl [--eval eval.jsonl] --tokenizer DIR [--max-seq-len 2048]
     python tools/check_data.py --config configs/llama3_8b_sft.py [--show 3] [--out report.json]
 
 Reports records per format, invalid records with their locations, exact and near
@@ -35,7 +35,7 @@ def parse(argv):
     p.add_argument("--data", nargs="+", metavar="FILE", help="training files, globs or save_to_disk directories")
     p.add_argument("--eval", nargs="+", metavar="FILE", help="evaluation files (checked for overlap with training)")
     p.add_argument("--tokenizer", metavar="DIR", help="the model directory (or a tokenizer directory)")
-    p.add_argument("--max-seq-len", type=int)
+    p.add_argument("--max-seq-len", type=int, help="default: the recipe's data.max_seq_len, else 1024")
     p.add_argument("--format", choices=("auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages"))
     p.add_argument("--truncation", choices=("truncate", "drop"))
     p.add_argument("--train-on-prompt", action="store_true", default=None)
@@ -72,6 +72,10 @@ def main(argv=None) -> int:
     args = parse(argv)
     if args.show < 0 or args.ngram < 1:
         raise UserError("--show must be >= 0 and --ngram >= 1.")
+    if args.out:  # checked before the (long) check runs
+        parent = os.path.dirname(os.path.abspath(args.out))
+        if os.path.isdir(args.out) or not os.path.isdir(parent):
+            raise UserError(f"--out {args.out}: not a file in an existing directory.")
     settings = settings_from(args)
 
     from jaxtune.data import load_tokenizer

@@ -240,6 +240,32 @@ def _assemble(
     return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
+def _hf_names(tmap: TensorMap, config: LlamaConfig) -> list[str]:
+    return [tmap.hf_name.format(layer=i) for i in range(config.num_hidden_layers)] if tmap.stacked else [tmap.hf_name]
+
+
+def _require(path: str, available: set[str], names: list[str]) -> None:
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise UserError(f"{path}: the checkpoint has no tensor {missing[0]}.")
+
+
+def check_checkpoint(path: str | os.PathLike, config: LlamaConfig, allow_pickle: bool = False) -> None:
+    """Reads only the index or headers: the weight files exist and hold every tensor this
+    config needs. Run before any expensive work, so a wrong model directory fails at once."""
+    path = str(path)
+    has_safetensors = any(os.path.isfile(os.path.join(path, f)) for f in (SAFETENSORS_INDEX, SAFETENSORS_FILE))
+    if not has_safetensors and allow_pickle and any(os.path.exists(os.path.join(path, f)) for f in PICKLE_FILES):
+        return  # pickle weights are only readable whole: checked when loaded
+    reader = SafetensorsReader(path, allow_pickle=False)  # no safetensors: the error says what is there
+    try:
+        available = reader.names()
+        for tmap in tensor_maps(config).values():
+            _require(path, available, _hf_names(tmap, config))
+    finally:
+        reader.close()
+
+
 def load_params(
     path: str | os.PathLike,
     abstract_state,
@@ -259,13 +285,8 @@ def load_params(
             tmap = maps.get(param_path)
             if tmap is None:
                 raise RuntimeError(f"no Hugging Face name for parameter {'/'.join(param_path)}")
-            names = (
-                [tmap.hf_name.format(layer=i) for i in range(config.num_hidden_layers)]
-                if tmap.stacked else [tmap.hf_name]
-            )
-            missing = [n for n in names if n not in available]
-            if missing:
-                raise UserError(f"{reader.path}: the checkpoint has no tensor {missing[0]}.")
+            names = _hf_names(tmap, config)
+            _require(reader.path, available, names)
             used.update(names)
             sharding = sharding_fn(param_path, leaf.shape) if sharding_fn else default
             leaves[param_path] = _assemble(
