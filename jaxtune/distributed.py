@@ -41,5 +41,7 @@ def global_max(value: int) -> int:
     return int(_gather(value).max())
 
 
-def any_process(flag: bool) -> bool:
-    return bool(_gather(bool(flag)).any())
+def any_and_sum(flag: bool, count: int) -> tuple[bool, int]:
+    """(any process's flag, the sum of every process's count) in one collective."""
+    gathered = _gather(np.asarray([int(bool(flag)), int(count)], np.int64)).reshape(-1, 2)
+    return bool(gathered[:, 0].any()), int(gathered[:, 1].sum())

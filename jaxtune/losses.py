@@ -10,6 +10,11 @@ With several chunks, each row's trained positions (nonzero weight) are moved to 
 first and only the chunks that hold any are computed: in SFT data most positions are
 prompt or padding and train nothing (84% in the demo's data), and they then cost no lm
 head. The result is the same up to the order of the float32 sums.
+
+With tied embeddings the kernel is the transposed embedding, and autodiff transposes its
+gradient back. XLA:CPU folds that transpose into the bf16 product that makes the gradient and
+then cannot run it ("Unsupported element type for DotThunk"), so on CPU that one product is
+computed in float32 (`tied=True`).
 """
 
 from __future__ import annotations
@@ -90,36 +95,41 @@ def _chunk_sums(h, kernel, targets, weights, dtype):
     return loss, correct
 
 
-def _chunk_grads(h, kernel, targets, weights, dtype):
+def _chunk_grads(h, kernel, targets, weights, dtype, tied):
     """Loss sum, d hidden [B, c, D] and d kernel of one chunk h [B, c, D]."""
     d = h.shape[-1]
     tgt, w = _flat(targets, weights)
     logits = _chunk_logits(h, kernel, dtype)
     loss, _, lse = _chunk_stats(logits, tgt, w)
     one_hot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == tgt[:, None]
-    dlogits = ((jnp.exp(logits - lse[:, None]) - one_hot) * w[:, None]).astype(dtype)
+    dlogits_f32 = (jnp.exp(logits - lse[:, None]) - one_hot) * w[:, None]
+    dlogits = dlogits_f32.astype(dtype)
     # einsum, not dot(a, b.T): an explicit transpose makes XLA:CPU upcast this bf16 dot to f32.
     dh = jnp.einsum("mv,dv->md", dlogits, kernel.astype(dtype), preferred_element_type=jnp.float32)
-    dk = jnp.dot(transpose_2d(h.reshape(-1, d).astype(dtype)), dlogits, preferred_element_type=jnp.float32)
+    if tied and jax.default_backend() == "cpu":  # float32 inputs, not bf16 ones cast up: XLA strips such casts
+        dk = jnp.dot(transpose_2d(h.reshape(-1, d).astype(jnp.float32)), dlogits_f32)
+    else:
+        dk = jnp.dot(transpose_2d(h.reshape(-1, d).astype(dtype)), dlogits, preferred_element_type=jnp.float32)
     return loss, dh.reshape(h.shape), dk
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def fused_loss_sum(hidden, kernel, targets, weights, dtype, chunk_len):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def fused_loss_sum(hidden, kernel, targets, weights, dtype, chunk_len, tied=False):
     """Sum over positions of `weights * CE(hidden @ kernel, targets)`.
 
-    hidden [B, T, D] (float32), kernel [D, V], targets [B, T] int, weights [B, T] float.
+    hidden [B, T, D] (float32), kernel [D, V] (the transposed embedding when `tied`),
+    targets [B, T] int, weights [B, T] float.
     """
-    return _fused_fwd(hidden, kernel, targets, weights, dtype, chunk_len)[0]
+    return _fused_fwd(hidden, kernel, targets, weights, dtype, chunk_len, tied)[0]
 
 
-def _fused_fwd(hidden, kernel, targets, weights, dtype, chunk_len):
+def _fused_fwd(hidden, kernel, targets, weights, dtype, chunk_len, tied=False):
     if _is_one_chunk(chunk_len, hidden.shape[1]):
-        loss, dhidden, dkernel = _chunk_grads(hidden, kernel, targets, weights, dtype)
+        loss, dhidden, dkernel = _chunk_grads(hidden, kernel, targets, weights, dtype, tied)
     else:
         def step(carry, start, h, tgt, w):
             loss, dh, dk = carry
-            loss_c, dh_c, dk_c = _chunk_grads(h, kernel, tgt, w, dtype)
+            loss_c, dh_c, dk_c = _chunk_grads(h, kernel, tgt, w, dtype, tied)
             return loss + loss_c, jax.lax.dynamic_update_slice_in_dim(dh, dh_c, start, axis=1), dk + dk_c
 
         init = (jnp.zeros((), jnp.float32), jnp.zeros(hidden.shape, jnp.float32), jnp.zeros(kernel.shape, jnp.float32))
@@ -128,7 +138,7 @@ def _fused_fwd(hidden, kernel, targets, weights, dtype, chunk_len):
     return loss, (dhidden, dkernel.astype(kernel.dtype), targets, weights)
 
 
-def _fused_bwd(dtype, chunk_len, residuals, g):
+def _fused_bwd(dtype, chunk_len, tied, residuals, g):
     dhidden, dkernel, targets, weights = residuals
     return (g * dhidden).astype(jnp.float32), (g * dkernel).astype(dkernel.dtype), None, None
 

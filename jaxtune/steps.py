@@ -51,7 +51,6 @@ class StepMetrics:
     grad_norm: float
     lr: float
     tokens: float  # trained tokens (loss weights) in the global batch
-    input_tokens: int  # non-padding tokens in the global batch: what throughput counts
     applied: bool
     consecutive_skipped: int
 
@@ -82,8 +81,8 @@ def _loss_sum(graphdef, settings: StepSettings, params, batch: Batch):
     model = nnx.merge(graphdef, params)
     hidden = model.hidden_states(batch.input_ids, batch.positions, batch.segment_ids)
     return fused_loss_sum(
-        hidden, model.lm_head_kernel(), batch.targets, batch.loss_weights,
-        settings.compute_dtype, settings.loss_chunk_len,
+        hidden, model.lm_head_kernel(), batch.targets, batch.loss_weights, settings.compute_dtype,
+        settings.loss_chunk_len, model.lm_head_is_tied(),
     )
 
 
@@ -135,7 +134,7 @@ def make_train_step(graphdef, optimizer, schedule: Callable, settings: StepSetti
         )
         metrics = dict(
             loss=loss, grad_norm=grad_norm, lr=schedule(state.applied), tokens=tokens,
-            input_tokens=jnp.sum(batch.segment_ids != 0, dtype=jnp.int32), applied=ok, consecutive_skipped=new_state.consecutive_skipped,
+            applied=ok, consecutive_skipped=new_state.consecutive_skipped,
         )
         return new_state, metrics
 
@@ -182,5 +181,5 @@ def fetch_metrics(metrics) -> StepMetrics:
     m = jax.device_get(metrics)
     return StepMetrics(
         loss=float(m["loss"]), grad_norm=float(m["grad_norm"]), lr=float(m["lr"]), tokens=float(m["tokens"]),
-        input_tokens=int(m["input_tokens"]), applied=bool(m["applied"]), consecutive_skipped=int(m["consecutive_skipped"]),
+        applied=bool(m["applied"]), consecutive_skipped=int(m["consecutive_skipped"]),
     )

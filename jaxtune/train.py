@@ -212,9 +212,11 @@ class _Loop:
             if pending is not None and self._after_step(*pending):
                 pending = None  # rolled back: this step's metrics belong to the abandoned timeline
                 continue
+            # Once a step, with the stop check: on several hosts it is a collective, and the
+            # throughput counts the non-padding tokens of every process's rows.
+            stop, tokens = self._stop_requested_and_tokens(int(np.count_nonzero(rows.segment_ids)))
             # Booked one step late, so the host reads metrics while the next step runs.
-            pending = (self.step, metrics, self.loader.position)
-            stop = self._stop_requested()  # once a step: on several hosts it is a collective
+            pending = (self.step, metrics, self.loader.position, tokens)
             if stop or self._boundary_work_due():
                 rolled_back = self._after_step(*pending)
                 pending = None
@@ -234,10 +236,11 @@ class _Loop:
             or (t.eval_every and s % t.eval_every == 0)
         )
 
-    def _stop_requested(self) -> bool:
+    def _stop_requested_and_tokens(self, local_tokens: int) -> tuple[bool, int]:
+        """(whether any process must stop, the tokens of the global batch)."""
         local = bool(self.stop_request and self.stop_request.requested) or bool(
             self.should_stop and self.should_stop(self.step))
-        return distributed.any_process(local)
+        return distributed.any_and_sum(local, local_tokens)
 
     def _boundary_work(self, stop: bool) -> str | None:
         """Logging, evaluation, saving and stopping at a step boundary (metrics flushed)."""
@@ -259,13 +262,14 @@ class _Loop:
         self._interval.exclude(time.perf_counter() - paused)  # eval and save time is not training time
         return None
 
-    def _after_step(self, step: int, metrics, position) -> bool:
+    def _after_step(self, step: int, metrics, position, tokens: int) -> bool:
         """Books one step's metrics; True if persistent anomalies rolled the state back.
 
-        `position` is the data position right after that step's batch.
+        `position` is the data position right after that step's batch; `tokens` are the
+        non-padding tokens of the global batch.
         """
         m = fetch_metrics(metrics)
-        self._interval.add(m)
+        self._interval.add(m, tokens)
         self.log.advance()
         if not m.applied:
             why = "non-finite loss or gradients" if not (math.isfinite(m.loss) and math.isfinite(m.grad_norm)) \
@@ -362,7 +366,7 @@ class _Interval:
     def steps(self) -> int:
         return self.state.steps
 
-    def add(self, m) -> None:
+    def add(self, m, tokens: int) -> None:
         st = self.state
         st.steps += 1
         st.lr = m.lr
@@ -374,7 +378,7 @@ class _Interval:
         if self.start is None:  # the first step includes compilation: time from its end
             self.start = time.perf_counter()
         else:
-            self.tokens += m.input_tokens
+            self.tokens += tokens
 
     def exclude(self, seconds: float) -> None:
         """Time spent on something else (evaluation, saving) inside the interval."""

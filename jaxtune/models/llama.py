@@ -430,6 +430,9 @@ class Llama(nnx.Module):
             return self.embed_tokens[...].T
         return self.lm_head.kernel[...]
 
+    def lm_head_is_tied(self) -> bool:
+        return self.lm_head is None
+
     def hidden_states(self, input_ids, positions=None, segment_ids=None) -> jax.Array:
         """Final-normalised hidden states `[B, T, D]` in float32 (the lm head's input)."""
         b, t = input_ids.shape
