@@ -139,7 +139,7 @@ def _unknown_key_message(error: AttributeError) -> str:
     return f"unknown key {key.group(1)!r}" + (f" (did you mean {hint.group(1)!r}?)" if hint else "") + "."
 
 
-def _parse_value(key: str, text: str, current, declared: type):
+def _parse_value(key: str, text: str, declared: type):
     if declared is bool:
         low = text.lower()
         if low in ("true", "1", "yes"):
@@ -147,7 +147,7 @@ def _parse_value(key: str, text: str, current, declared: type):
         if low in ("false", "0", "no"):
             return False
         raise UserError(f"--config.{key} expects true or false, got {text!r}.")
-    if isinstance(current, (tuple, list)):
+    if issubclass(declared, (tuple, list)):
         if text.strip().startswith(("[", "(")):
             try:
                 value = ast.literal_eval(text)
@@ -155,13 +155,13 @@ def _parse_value(key: str, text: str, current, declared: type):
                 raise UserError(f"--config.{key}: cannot parse {text!r} as a list.") from None
             return tuple(value)
         return tuple(p for p in (s.strip() for s in text.split(",")) if p)
-    if isinstance(current, str):
+    if declared is str:
         return text
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         value = text
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    if declared is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     return value
 
@@ -181,7 +181,7 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> No
         raise UserError(f"--config.{key} is a section; set one of its keys instead.")
     # A placeholder (None until set) declares its type on its reference.
     declared = node.get_ref(parts[-1]).get_type() if current is None else type(current)
-    value = _parse_value(key, text, current, declared)
+    value = _parse_value(key, text, declared)
     try:
         node[parts[-1]] = value
     except TypeError:

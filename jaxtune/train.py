@@ -362,10 +362,6 @@ class _Interval:
         self.start = start
         self.tokens = 0
 
-    @property
-    def steps(self) -> int:
-        return self.state.steps
-
     def add(self, m, tokens: int) -> None:
         st = self.state
         st.steps += 1
