@@ -86,10 +86,6 @@ def _loss_sum(graphdef, settings: StepSettings, params, batch: Batch):
     )
 
 
-def _tree_where(cond, new, old):
-    return jax.tree.map(lambda a, b: jnp.where(cond, a, b), new, old)
-
-
 def make_train_step(graphdef, optimizer, schedule: Callable, settings: StepSettings, mesh: Mesh, shardings):
     grad_fn = jax.value_and_grad(lambda p, b: _loss_sum(graphdef, settings, p, b))
 
@@ -120,14 +116,20 @@ def make_train_step(graphdef, optimizer, schedule: Callable, settings: StepSetti
             full = jnp.all(~jnp.isnan(window))
             ok &= ~(full & (loss > settings.spike_factor * jnp.nanmedian(window)))
 
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        def update(params_and_opt_state):
+            params, opt_state = params_and_opt_state
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        # A branch, not a select between old and new trees: with the select, XLA kept the
+        # old optimizer state alive next to the new one and copied all of it every step.
+        params, opt_state = jax.lax.cond(ok, update, lambda po: po, (state.params, state.opt_state))
         new_window = jnp.roll(state.loss_window, -1).at[-1].set(loss)
         new_state = TrainState(
             step=state.step + 1,
             applied=state.applied + ok.astype(jnp.int32),
-            params=_tree_where(ok, params, state.params),
-            opt_state=_tree_where(ok, opt_state, state.opt_state),
+            params=params,
+            opt_state=opt_state,
             loss_window=jnp.where(ok, new_window, state.loss_window),
             skipped=state.skipped + (~ok).astype(jnp.int32),
             consecutive_skipped=jnp.where(ok, 0, state.consecutive_skipped + 1),

@@ -249,6 +249,17 @@ def test_progress_bar_and_wandb_are_wired(tiny, monkeypatch, capsys):
     assert not os.path.exists(os.path.join(workdir, "curves.png"))  # logging.plot=False
 
 
+def test_bench_times_jaxtune_and_torch_in_separate_workers():
+    """Each side in its own process (in one process each slowed the other by ~10%)."""
+    tiny = ["--vocab", "256", "--hidden", "64", "--layers", "1", "--heads", "2", "--kv-heads", "2",
+            "--intermediate", "128", "--batch", "2", "--seq", "32", "--steps", "1", "--rounds", "1"]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), *tiny, "--precision", "bf16"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.strip().splitlines()[-1]
+    assert re.search(r"\[bf16\] jaxtune [\d,]+ tokens/s .* torch [\d,]+ tokens/s .* ratio jaxtune/torch [\d.]+x$", line)
+
+
 def test_bench_arguments_are_checked_in_one_line():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), "--batch", "0"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)

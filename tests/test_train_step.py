@@ -153,6 +153,23 @@ def test_remat_changes_no_number_and_lowers_temp_memory(tmp_path):
     assert results["dots_no_batch"][0] < results["none"][0]
 
 
+def test_step_updates_the_donated_state_in_place(ckpt):
+    """No copy of a state array per step. Skipping a bad step used to select between the old
+    and new trees, and XLA then copied Adam's moments every step (temp memory ~1.3x)."""
+    import re
+
+    from jaxtune.steps import to_global_batch
+
+    trainer = Trainer(ckpt)
+    batch = to_global_batch(synthetic_rows(4, 32, seed=3), trainer.mesh, trainer.accum)
+    hlo = trainer.train_step.lower(trainer.state, batch).compile().as_text()
+    entry = hlo[hlo.index("\nENTRY"):]
+    arrays = {m.group(1) for m in re.finditer(r"%(\S+) = \w+\[[^\]]+\]\S* parameter\(", entry)}
+    assert len(arrays) >= len(jax.tree.leaves(trainer.state.params))  # the pattern finds the state
+    copied = re.findall(r"copy\(%([^)\s]+)\)", entry)
+    assert not [name for name in copied if name in arrays]
+
+
 def test_loss_chunking_changes_memory_not_numbers(tmp_path):
     make_hf_llama(tmp_path, num_key_value_heads=2, vocab_size=4096)
     rows = synthetic_rows(4, 128, vocab=4096, seed=9)
@@ -195,6 +212,7 @@ def test_non_finite_step_is_skipped_and_counted(ckpt):
     rows = synthetic_rows(4, 32, seed=13)
     trainer.step(rows)
     before = trainer.params()
+    opt_before = jax.device_get(trainer.state.opt_state)
     bad = slice_rows(rows, slice(None))
     bad.loss_weights = rows.loss_weights.copy()
     bad.loss_weights[0, 0] = np.nan
@@ -202,6 +220,8 @@ def test_non_finite_step_is_skipped_and_counted(ckpt):
     assert not m["applied"] and not np.isfinite(m["loss"])
     for a, b in zip(jax.tree.leaves(trainer.params()), jax.tree.leaves(before)):
         np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(jax.device_get(trainer.state.opt_state)), jax.tree.leaves(opt_before)):
+        np.testing.assert_array_equal(a, b)  # Adam's moments and count too
     assert int(trainer.state.skipped) == 1 and int(trainer.state.consecutive_skipped) == 1
     assert int(trainer.state.applied) == 1 and int(trainer.state.step) == 2
     m = trainer.step(rows)

@@ -2,6 +2,8 @@
 
 Same model shape, batch, optimizer and precision, measured alternately in one run, so the
 ratio is meaningful on a noisy machine. Benchmark on one device (no fake devices).
+Each framework runs in its own worker process, idle while the other is timed: in one
+process each slowed the other by ~10% (their thread pools and allocators interfere).
 
     python tools/bench.py                       # reference shape, fp32 and bf16
     python tools/bench.py --precision bf16 --steps 20
@@ -24,6 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from jaxtune.errors import UserError, exit_on_user_error  # noqa: E402  (after the path setup)
+
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -44,6 +48,7 @@ def parse():
                    help="SFT-like rows: samples of 64 tokens whose last fraction trains (both sides)")
     p.add_argument("--jax-only", action="store_true")
     p.add_argument("--compile", action="store_true", help="measure compile time vs depth instead")
+    p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)  # internal: one timed side
     a = p.parse_args()
     if not 0.0 < a.trained_fraction <= 1.0:
         p.error("--trained-fraction must be in (0, 1].")
@@ -190,27 +195,90 @@ def matmul_peak(dtype_name: str) -> float:
     return 2 * n**3 / best
 
 
+def serve(a) -> None:
+    """Worker process: build one side, then time rounds on request ("run N" -> seconds)."""
+    import json
+
+    compute = "bfloat16" if a.precision == "bf16" else "float32"
+    if a.worker == "jax":
+        runner = JaxRunner(a, compute)
+        import jax
+
+        ready = {"compile_s": runner.compile_seconds(), "device": jax.devices()[0].device_kind}
+    else:
+        runner = TorchRunner(a, a.precision == "bf16")
+        ready = {}
+    runner.run(2)  # warm-up: compilation, allocator, thread pools
+    print(json.dumps(ready), flush=True)
+    for line in sys.stdin:
+        cmd, _, arg = line.strip().partition(" ")
+        if cmd == "run":
+            # The first step after the other side's round is 20-30% slower (measured for
+            # jaxtune); training runs steps back to back, so that one is not timed.
+            runner.run(1)
+            reply = {"seconds": runner.run(int(arg))}
+        elif cmd == "peak":
+            reply = {"flops": matmul_peak(a.precision)}
+        else:
+            return
+        print(json.dumps(reply), flush=True)
+
+
+class Worker:
+    """One side of the benchmark in its own process (see the module docstring)."""
+
+    def __init__(self, side: str, precision: str):
+        import subprocess
+
+        self.side = side
+        argv = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--worker", side, "--precision", precision]
+        # stderr passes through (warnings, and a worker's one-line error)
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.ready = self._reply()
+
+    def _reply(self) -> dict:
+        import json
+
+        line = self.proc.stdout.readline()
+        if not line:
+            code = self.proc.wait()
+            raise UserError(f"the {self.side} worker exited with status {code}; its error is above.")
+        return json.loads(line)
+
+    def ask(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait()
+
+
 def bench_precision(a, precision: str) -> None:
     from jaxtune.flops import flops_per_token
 
-    compute = "bfloat16" if precision == "bf16" else "float32"
-    jr = JaxRunner(a, compute)
-    print(f"[{precision}] jaxtune compile: {jr.compile_seconds():.1f} s", flush=True)
-    jr.run(2)
-    tr = None if a.jax_only else TorchRunner(a, precision == "bf16")
-    if tr:
-        tr.run(2)
-    tokens = a.batch * a.seq * a.steps
-    best_jax, best_torch = float("inf"), float("inf")
-    for r in range(a.rounds):
-        best_jax = min(best_jax, jr.run(a.steps))
-        if tr:
-            best_torch = min(best_torch, tr.run(a.steps))
+    jax_side = Worker("jax", precision)
+    torch_side = None
+    try:
+        print(f"[{precision}] jaxtune compile on {jax_side.ready['device']}: {jax_side.ready['compile_s']:.1f} s", flush=True)
+        torch_side = None if a.jax_only else Worker("torch", precision)
+        tokens = a.batch * a.seq * a.steps
+        best_jax, best_torch = float("inf"), float("inf")
+        for r in range(a.rounds):
+            best_jax = min(best_jax, jax_side.ask(f"run {a.steps}")["seconds"])
+            if torch_side:
+                best_torch = min(best_torch, torch_side.ask(f"run {a.steps}")["seconds"])
+        peak = jax_side.ask("peak")["flops"]
+    finally:
+        for side in (jax_side, torch_side):
+            if side:
+                side.close()
     jax_tps = tokens / best_jax
-    peak = matmul_peak(precision)
     mfu = jax_tps * flops_per_token(llama_config(a), a.seq) / peak
     line = f"[{precision}] jaxtune {jax_tps:,.0f} tokens/s (MFU {mfu:.1%} of a {peak / 1e9:.0f} GFLOP/s matmul)"
-    if tr:
+    if torch_side:
         torch_tps = tokens / best_torch
         torch_mfu = torch_tps * flops_per_token(llama_config(a), a.seq) / peak
         line += f" | torch {torch_tps:,.0f} tokens/s (MFU {torch_mfu:.1%}) | ratio jaxtune/torch {jax_tps / torch_tps:.2f}x"
@@ -225,27 +293,37 @@ def bench_compile(a) -> None:
     print(f"ratio 16/2 layers: {times[16] / times[2]:.2f}x")
 
 
+def check_before_workers(a) -> None:
+    """The user errors a worker would find, found here, so they are reported in one line."""
+    from jaxtune.models.llama import REMAT_POLICIES
+
+    llama_config(a)
+    if a.remat not in REMAT_POLICIES:
+        raise UserError(f"unknown --remat {a.remat!r}; choose one of {', '.join(REMAT_POLICIES)}.")
+
+
 def main():
     from jaxtune.host_memory import reexec_with_huge_pages
 
     # As run.py does (it may restart this command once); torch's allocations get it too.
     reexec_with_huge_pages()
     a = parse()
+    if a.worker:
+        return serve(a)
     import jax
 
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; shape vocab={a.vocab} hidden={a.hidden} "
+    print(f"jax {jax.__version__}; shape vocab={a.vocab} hidden={a.hidden} "
           f"layers={a.layers} heads={a.heads}/{a.kv_heads} ffn={a.intermediate}; batch {a.batch}x{a.seq}; "
           f"remat={a.remat} loss_chunk_len={a.loss_chunk_len} trained={a.trained_fraction:.0%}; "
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}",
           flush=True)
     if a.compile:
         return bench_compile(a)
+    check_before_workers(a)
     for precision in (("fp32", "bf16") if a.precision == "both" else (a.precision,)):
         bench_precision(a, precision)
 
 
 if __name__ == "__main__":
-    from jaxtune.errors import exit_on_user_error
-
     with exit_on_user_error():  # e.g. heads not a multiple of kv heads, an unknown --remat
         main()
