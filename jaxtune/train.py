@@ -51,6 +51,19 @@ class RunResult:
     loop: LoopState
 
 
+def _check_token_ids(data, vocab_size: int, tokenizer_path: str, tokenizer_size: int, model_path: str) -> None:
+    """Token ids the embedding does not cover would make every step's loss NaN (and be skipped)."""
+    rows = [r for r in (data.train, data.eval) if r is not None and len(r)]
+    local = max((int(max(r.input_ids.max(), r.targets.max())) for r in rows), default=0)
+    largest = distributed.global_max(local)
+    if largest >= vocab_size:
+        raise UserError(
+            f"the data has token id {largest}, but the model has only {vocab_size} embeddings "
+            f"(vocab_size in {os.path.join(model_path, 'config.json')}): the tokenizer at {tokenizer_path} "
+            f"({tokenizer_size} tokens) does not match this model."
+        )
+
+
 def _prepare_workdir(config) -> bool:
     """Applies train.resume/overwrite; True when there is a checkpoint to resume from."""
     workdir = config.workdir
@@ -126,6 +139,8 @@ class _Loop:
         log = print if distributed.is_main() else (lambda *a, **k: None)
         data = prepare_datasets(self.data_settings, tokenizer, process_index=jax.process_index(),
                                 process_count=procs, log=log)
+        _check_token_ids(data, self.model_config.vocab_size, self.data_settings.tokenizer_path,
+                         len(tokenizer), c.model.hf_path)
         self.eval_rows = data.eval if has_eval_data(c) else None
         if self.eval_rows is not None and distributed.global_max(len(self.eval_rows)) == 0:
             self.eval_rows = None

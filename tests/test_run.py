@@ -90,6 +90,25 @@ def test_a_model_directory_without_usable_weights_fails_before_the_workdir_is_to
     assert not workdir.exists()
 
 
+def test_token_ids_beyond_the_models_vocabulary_are_refused(tiny, tmp_path):
+    """A tokenizer with more tokens than the model has embeddings: every step used to be
+    skipped as non-finite, with no word on why."""
+    import shutil
+
+    from helpers import make_hf_llama
+
+    demo = tiny()["model.hf_path"]
+    small = tmp_path / "small_vocab"
+    with open(os.path.join(demo, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    make_hf_llama(small, vocab_size=vocab - 40)
+    for name in os.listdir(demo):
+        if name.startswith("tokenizer") or name.endswith(".jinja"):
+            shutil.copy(os.path.join(demo, name), small)
+    with pytest.raises(UserError, match=rf"the data has token id \d+, but the model has only {vocab - 40} embeddings"):
+        run(make_config(tiny(model__hf_path=str(small))))
+
+
 def test_batch_that_does_not_divide_the_mesh_is_refused(tiny):
     # 8 fake devices: 4 rows per micro-batch cannot be split over fsdp=8.
     with pytest.raises(UserError, match=r"multiple of the data-parallel size \(mesh.data x mesh.fsdp = 8\)"):
