@@ -201,9 +201,9 @@ def serve(a) -> None:
 
     compute = "bfloat16" if a.precision == "bf16" else "float32"
     if a.worker == "jax":
-        runner = JaxRunner(a, compute)
         import jax
 
+        runner = JaxRunner(a, compute)
         ready = {"compile_s": runner.compile_seconds(), "device": jax.devices()[0].device_kind}
     else:
         runner = TorchRunner(a, a.precision == "bf16")
@@ -266,7 +266,7 @@ def bench_precision(a, precision: str) -> None:
         torch_side = None if a.jax_only else Worker("torch", precision)
         tokens = a.batch * a.seq * a.steps
         best_jax, best_torch = float("inf"), float("inf")
-        for r in range(a.rounds):
+        for _ in range(a.rounds):
             best_jax = min(best_jax, jax_side.ask(f"run {a.steps}")["seconds"])
             if torch_side:
                 best_torch = min(best_torch, torch_side.ask(f"run {a.steps}")["seconds"])
