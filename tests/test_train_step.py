@@ -153,15 +153,18 @@ def test_remat_changes_no_number_and_lowers_temp_memory(tmp_path):
     assert results["dots_no_batch"][0] < results["none"][0]
 
 
-def test_step_updates_the_donated_state_in_place(ckpt):
+@pytest.mark.parametrize("mesh, accum", [
+    (sharding.MeshShape(1, 1, 1), 1), (sharding.MeshShape(1, 8, 1), 1), (sharding.MeshShape(1, 4, 2), 2),
+])
+def test_step_updates_the_donated_state_in_place(ckpt, mesh, accum):
     """No copy of a state array per step. Skipping a bad step used to select between the old
     and new trees, and XLA then copied Adam's moments every step (temp memory ~1.3x)."""
     import re
 
     from jaxtune.steps import to_global_batch
 
-    trainer = Trainer(ckpt)
-    batch = to_global_batch(synthetic_rows(4, 32, seed=3), trainer.mesh, trainer.accum)
+    trainer = Trainer(ckpt, mesh, accum=accum)
+    batch = to_global_batch(synthetic_rows(16, 32, seed=3), trainer.mesh, trainer.accum)
     hlo = trainer.train_step.lower(trainer.state, batch).compile().as_text()
     entry = hlo[hlo.index("\nENTRY"):]
     arrays = {m.group(1) for m in re.finditer(r"%(\S+) = \w+\[[^\]]+\]\S* parameter\(", entry)}
