@@ -127,3 +127,21 @@ def test_runs_sharing_a_cache_can_write_the_same_entry_at_once(tmp_path):
         assert loaded is not None and loaded[0].equals(rows)
         assert os.listdir(cache_dir) == ["k" * 32]  # no temporary or set-aside copies left
     assert errors == []
+
+
+def test_a_killed_runs_temporary_directories_are_deleted_a_day_later(tmp_path):
+    import time
+
+    from jaxtune.data import cache
+    from jaxtune.data.rows import Rows
+
+    cache_dir = tmp_path / "cache"
+    (cache_dir / "complete").mkdir(parents=True)
+    day = 24 * 3600
+    for name, age in ((".a.x1.tmp", 2 * day), ("b.c2.trash", 2 * day), (".d.x3.tmp", 60), ("old_entry", 2 * day)):
+        (cache_dir / name).mkdir()
+        (cache_dir / name / "train.npz").write_bytes(b"partial")
+        os.utime(cache_dir / name, (time.time() - age,) * 2)
+    cache.save(str(cache_dir), "k" * 32, {}, Rows.padding(2, 8), None, {})
+    # a recent .tmp may be another run's write in progress; entries are never touched
+    assert sorted(os.listdir(cache_dir)) == sorted([".d.x3.tmp", "complete", "old_entry", "k" * 32])

@@ -7,6 +7,7 @@ pipeline version. It is written to a temporary directory (files synced to disk) 
 into place, so a crash never leaves a half-written entry that a later run would trust; an
 entry that cannot be read for any reason is rebuilt. Runs sharing a cache directory may
 write the same entry at once: the first complete one stays, the others' copies are dropped.
+Temporary directories that a killed run left are deleted by the next save, a day later.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 
 import numpy as np
@@ -69,6 +71,7 @@ def load(cache_dir: str, key: str) -> tuple[Rows, Rows | None, dict] | None:
 def save(cache_dir: str, key: str, inputs: dict, train: Rows, eval_rows: Rows | None, report: dict) -> str:
     """Writes an entry atomically (temp dir + rename); returns its directory."""
     os.makedirs(cache_dir, exist_ok=True)
+    remove_leftovers(cache_dir)
     final = entry_dir(cache_dir, key)
     tmp = tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=cache_dir)
     try:
@@ -86,6 +89,23 @@ def save(cache_dir: str, key: str, inputs: dict, train: Rows, eval_rows: Rows | 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def remove_leftovers(cache_dir: str, max_age_s: float = 24 * 3600) -> list[str]:
+    """Deletes the temporary and set-aside directories of killed runs (a SIGKILL skips the
+    cleanup in `save`); only old ones, as a run writing one now keeps touching it."""
+    removed = []
+    now = time.time()
+    for name in os.listdir(cache_dir):
+        path = os.path.join(cache_dir, name)
+        leftover = (name.startswith(".") and name.endswith(".tmp")) or name.endswith(".trash")
+        try:
+            if leftover and os.path.isdir(path) and now - os.path.getmtime(path) > max_age_s:
+                shutil.rmtree(path)
+                removed.append(name)
+        except OSError:  # another run removed it first
+            continue
+    return removed
 
 
 def _move_into_place(tmp: str, final: str, cache_dir: str, key: str) -> bool:
