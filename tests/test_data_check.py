@@ -156,3 +156,24 @@ def test_an_unwritable_out_path_is_refused_before_the_check(tmp_path, plain_dir,
     with pytest.raises(UserError, match=r"--out .*: not a file in an existing directory"):
         check_data.main(["--data", data, "--tokenizer", plain_dir, "--out", str(out)])
 
+
+
+def test_token_ids_beyond_the_models_vocabulary_are_errors(tmp_path, plain_dir):
+    """Training refuses such data (every step would be NaN); the check says so first."""
+    import shutil
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": " ".join(WORDS[i:i + 6])} for i in range(0, 60, 6)])
+    model_dir = tmp_path / "model"
+    shutil.copytree(plain_dir, model_dir)
+    _, samples = check(settings((data,), tokenizer_path=str(model_dir)), load_tokenizer(str(model_dir)))
+    largest = sorted(max(s.ids) for s in samples)
+    vocab = largest[6]  # the samples whose largest id is >= this have no embedding for it
+    beyond = sum(m >= vocab for m in largest)
+    assert 0 < beyond < len(largest)
+    (model_dir / "config.json").write_text(json.dumps({"vocab_size": int(vocab)}))
+    out = tmp_path / "r.json"
+    assert check_data.main(["--data", data, "--tokenizer", str(model_dir), "--out", str(out)]) == 1
+    found = {f["kind"]: f for f in json.loads(out.read_text())["findings"]}
+    assert found["train_token_ids_beyond_vocabulary"]["count"] == beyond
+    (model_dir / "config.json").write_text(json.dumps({"vocab_size": int(largest[-1]) + 1}))
+    assert check_data.main(["--data", data, "--tokenizer", str(model_dir), "--out", str(out)]) == 0

@@ -5,9 +5,11 @@
 
 Reports records per format, invalid records with their locations, exact and near
 duplicates, the token-length distribution and how many samples would be truncated or
-dropped, trained tokens per sample, samples with no trained token, empty fields, and
-train/eval overlap (contamination). `--show K` prints K samples with the trained tokens
-marked. Exit code: 0 clean or warnings only, 1 errors found, 2 the check could not run.
+dropped, trained tokens per sample, samples with no trained token, empty fields,
+train/eval overlap (contamination), and token ids beyond the model's vocabulary (when the
+recipe's model or the tokenizer directory has a config.json). `--show K` prints K samples
+with the trained tokens marked. Exit code: 0 clean or warnings only, 1 errors found, 2 the
+check could not run.
 """
 
 from __future__ import annotations
@@ -68,6 +70,25 @@ def settings_from(args):
     return settings
 
 
+def model_vocab_size(args, settings) -> int | None:
+    """The embedding count of the model the data is for: the recipe's model.hf_path, else the
+    tokenizer directory when it is a model directory; None when neither has a config.json."""
+    model_dir = settings.tokenizer_path
+    if args.config:
+        from jaxtune.config import load_recipe
+
+        model_dir = load_recipe(args.config).model.hf_path or model_dir
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            vocab = json.load(f).get("vocab_size")
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}.") from None
+    return vocab if isinstance(vocab, int) else None
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     if args.show < 0 or args.ngram < 1:
@@ -82,7 +103,7 @@ def main(argv=None) -> int:
     from jaxtune.data.quality import check_data, render_sample
 
     tokenizer = load_tokenizer(settings.tokenizer_path)
-    report, samples = check_data(settings, tokenizer, ngram=args.ngram)
+    report, samples = check_data(settings, tokenizer, ngram=args.ngram, vocab_size=model_vocab_size(args, settings))
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     for sample in samples[: args.show]:
         trained = sample.num_trained

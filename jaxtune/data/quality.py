@@ -192,9 +192,11 @@ class _NgramHasher:
 
 
 # ---- The checks --------------------------------------------------------------------------------
-def check_data(settings: DataSettings, tokenizer, *, ngram: int = 13) -> tuple[QualityReport, list[TokenizedSample]]:
+def check_data(settings: DataSettings, tokenizer, *, ngram: int = 13,
+               vocab_size: int | None = None) -> tuple[QualityReport, list[TokenizedSample]]:
     """The quality report, and the train samples as tokenized (for rendering with `render_sample`).
-    File-level problems (missing file, unknown format, no chat template) raise UserError."""
+    File-level problems (missing file, unknown format, no chat template) raise UserError.
+    With the model's `vocab_size`, samples holding a token id it has no embedding for are errors."""
     eos_ids = eos_token_ids(tokenizer, settings.tokenizer_path)
     encoder = SampleEncoder(tokenizer, train_on_prompt=settings.train_on_prompt, eos_ids=eos_ids)
     findings: list[Finding] = []
@@ -202,10 +204,10 @@ def check_data(settings: DataSettings, tokenizer, *, ngram: int = 13) -> tuple[Q
         raise UserError("no training data: give --data FILE... (or --config with data.train_files).")
     train_files = resolve_files(settings.train_files, "--data")
     eval_files = resolve_files(settings.eval_files, "--eval")
-    train, train_samples, train_tok = _check_split("train", train_files, settings, encoder, findings)
+    train, train_samples, train_tok = _check_split("train", train_files, settings, encoder, findings, vocab_size)
     eval_q, overlap = None, None
     if eval_files:
-        eval_q, eval_samples, _ = _check_split("eval", eval_files, settings, encoder, findings)
+        eval_q, eval_samples, _ = _check_split("eval", eval_files, settings, encoder, findings, vocab_size)
         overlap = _overlap(train_samples, eval_samples, ngram, findings)
     report = QualityReport(
         tokenizer=settings.tokenizer_path, max_seq_len=settings.max_seq_len, truncation=settings.truncation,
@@ -215,7 +217,8 @@ def check_data(settings: DataSettings, tokenizer, *, ngram: int = 13) -> tuple[Q
     return report, train_tok
 
 
-def _check_split(name, files, settings: DataSettings, encoder: SampleEncoder, findings: list[Finding]):
+def _check_split(name, files, settings: DataSettings, encoder: SampleEncoder, findings: list[Finding],
+                 vocab_size: int | None):
     invalid: list[str] = []
     read = read_samples(files, settings.format, "skip", name, lambda bad: invalid.append(str(bad)))
     samples: list[Sample] = []
@@ -243,6 +246,8 @@ def _check_split(name, files, settings: DataSettings, encoder: SampleEncoder, fi
     stats.tokens, stats.trained_tokens = rows.num_tokens, rows.num_trained_tokens
     lengths = [len(s.ids) for s in tokenized]
     too_long = [str(s.location) for s in tokenized if len(s.ids) > settings.max_seq_len]
+    beyond_vocab = [f"{s.location} (id {max(s.ids)})" for s in tokenized
+                    if vocab_size is not None and len(s.ids) and max(s.ids) >= vocab_size]
 
     # Duplicates: exact (same fields), then near (same normalised text).
     first_exact: dict[tuple, str] = {}
@@ -285,6 +290,9 @@ def _check_split(name, files, settings: DataSettings, encoder: SampleEncoder, fi
         "{n:,} empty or whitespace-only trained field(s) in {split} (the model would learn to say nothing)")
     after = " after truncation" if settings.truncation == "truncate" else ""
     add("error", f"{name}_no_trained_tokens", no_trained, "{n:,} {split} sample(s) with no trained token" + after)
+    add("error", f"{name}_token_ids_beyond_vocabulary", beyond_vocab,
+        "{n:,} {split} sample(s) with a token id the model has no embedding for "
+        + f"(vocab_size {vocab_size}; training refuses them)")
     add("warning", f"{name}_exact_duplicates", exact, "{n:,} exact duplicate(s) in {split}")
     add("warning", f"{name}_near_duplicates", near, "{n:,} near duplicate(s) in {split} (equal after normalising text)")
     add("warning", f"{name}_too_long", too_long,
