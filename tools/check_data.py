@@ -47,11 +47,9 @@ def parse(argv):
     return p.parse_args(argv)
 
 
-def settings_from(args):
-    from jaxtune.config import defaults, load_recipe
+def settings_from(args, config):
     from jaxtune.data import DataSettings
 
-    config = load_recipe(args.config) if args.config else defaults()
     base = DataSettings.from_config(config)
     changes = {
         "train_files": tuple(args.data) if args.data else None,
@@ -70,14 +68,8 @@ def settings_from(args):
     return settings
 
 
-def model_vocab_size(args, settings) -> int | None:
-    """The embedding count of the model the data is for: the recipe's model.hf_path, else the
-    tokenizer directory when it is a model directory; None when neither has a config.json."""
-    model_dir = settings.tokenizer_path
-    if args.config:
-        from jaxtune.config import load_recipe
-
-        model_dir = load_recipe(args.config).model.hf_path or model_dir
+def model_vocab_size(model_dir: str) -> int | None:
+    """The embedding count of the model the data is for; None without a config.json there."""
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         return None
@@ -97,13 +89,18 @@ def main(argv=None) -> int:
         parent = os.path.dirname(os.path.abspath(args.out))
         if os.path.isdir(args.out) or not os.path.isdir(parent):
             raise UserError(f"--out {args.out}: not a file in an existing directory.")
-    settings = settings_from(args)
+    from jaxtune.config import defaults, load_recipe
+
+    config = load_recipe(args.config) if args.config else defaults()
+    settings = settings_from(args, config)
 
     from jaxtune.data import load_tokenizer
     from jaxtune.data.quality import check_data, render_sample
 
     tokenizer = load_tokenizer(settings.tokenizer_path)
-    report, samples = check_data(settings, tokenizer, ngram=args.ngram, vocab_size=model_vocab_size(args, settings))
+    # the recipe's model, else the tokenizer directory when it is a model directory
+    vocab_size = model_vocab_size(config.model.hf_path or settings.tokenizer_path)
+    report, samples = check_data(settings, tokenizer, ngram=args.ngram, vocab_size=vocab_size)
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     for sample in samples[: args.show]:
         trained = sample.num_trained
