@@ -30,6 +30,8 @@ from jaxtune.errors import UserError, exit_on_user_error  # noqa: E402  (after t
 
 
 def parse():
+    from jaxtune.models.llama import REMAT_POLICIES
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--hidden", type=int, default=384)
@@ -42,7 +44,7 @@ def parse():
     p.add_argument("--steps", type=int, default=10, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3, help="alternating jax/torch rounds; the best round counts")
     p.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both")
-    p.add_argument("--remat", default="dots")
+    p.add_argument("--remat", default="dots", choices=REMAT_POLICIES)
     p.add_argument("--loss-chunk-len", type=int, default=0)
     p.add_argument("--trained-fraction", type=float, default=1.0,
                    help="SFT-like rows: samples of 64 tokens whose last fraction trains (both sides)")
@@ -293,13 +295,6 @@ def bench_compile(a) -> None:
     print(f"ratio 16/2 layers: {times[16] / times[2]:.2f}x")
 
 
-def check_before_workers(a) -> None:
-    """The user errors a worker would find, found here, so they are reported in one line."""
-    from jaxtune.models.llama import REMAT_POLICIES
-
-    llama_config(a)
-    if a.remat not in REMAT_POLICIES:
-        raise UserError(f"unknown --remat {a.remat!r}; choose one of {', '.join(REMAT_POLICIES)}.")
 
 
 def main():
@@ -319,11 +314,11 @@ def main():
           flush=True)
     if a.compile:
         return bench_compile(a)
-    check_before_workers(a)
+    llama_config(a)  # the shape errors a worker would find, reported here in one line
     for precision in (("fp32", "bf16") if a.precision == "both" else (a.precision,)):
         bench_precision(a, precision)
 
 
 if __name__ == "__main__":
-    with exit_on_user_error():  # e.g. heads not a multiple of kv heads, an unknown --remat
+    with exit_on_user_error():  # e.g. heads not a multiple of kv heads
         main()

@@ -91,10 +91,9 @@ def save(cache_dir: str, key: str, inputs: dict, train: Rows, eval_rows: Rows | 
     return final
 
 
-def remove_leftovers(cache_dir: str, max_age_s: float = 24 * 3600) -> list[str]:
+def remove_leftovers(cache_dir: str, max_age_s: float = 24 * 3600) -> None:
     """Deletes the temporary and set-aside directories of killed runs (a SIGKILL skips the
     cleanup in `save`); only old ones, as a run writing one now keeps touching it."""
-    removed = []
     now = time.time()
     for name in os.listdir(cache_dir):
         path = os.path.join(cache_dir, name)
@@ -102,10 +101,8 @@ def remove_leftovers(cache_dir: str, max_age_s: float = 24 * 3600) -> list[str]:
         try:
             if leftover and os.path.isdir(path) and now - os.path.getmtime(path) > max_age_s:
                 shutil.rmtree(path)
-                removed.append(name)
         except OSError:  # another run removed it first
             continue
-    return removed
 
 
 def _move_into_place(tmp: str, final: str, cache_dir: str, key: str) -> bool:
