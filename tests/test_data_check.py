@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from data_helpers import WORDS, llama3_dir, plain_dir, settings, write_jsonl  # noqa: F401
+from data_helpers import WORDS, llama3_dir, make_tokenizer, plain_dir, settings, write_jsonl  # noqa: F401
 
 from jaxtune.data import load_tokenizer, prepare_datasets
 from jaxtune.errors import UserError
@@ -177,3 +177,29 @@ def test_token_ids_beyond_the_models_vocabulary_are_errors(tmp_path, plain_dir):
     assert found["train_token_ids_beyond_vocabulary"]["count"] == beyond
     (model_dir / "config.json").write_text(json.dumps({"vocab_size": int(largest[-1]) + 1}))
     assert check_data.main(["--data", data, "--tokenizer", str(model_dir), "--out", str(out)]) == 0
+
+
+def test_the_model_directory_is_the_recipes_else_the_tokenizer_directory():
+    """Turn-ending tokens are read from the model directory's generation_config.json, as in training."""
+    from jaxtune.config import defaults
+
+    args = check_data.parse(["--data", "d.jsonl", "--tokenizer", "/tok"])
+    assert check_data.settings_from(args, defaults()).model_path == "/tok"
+    recipe = defaults()
+    recipe.model.hf_path = "/models/llama"
+    s = check_data.settings_from(args, recipe)
+    assert (s.tokenizer_path, s.model_path) == ("/tok", "/models/llama")
+    s = check_data.settings_from(check_data.parse(["--data", "d.jsonl"]), recipe)
+    assert (s.tokenizer_path, s.model_path) == ("/models/llama", "/models/llama")
+
+
+def test_the_check_ends_turns_where_the_model_directory_says(tmp_path):
+    tok = make_tokenizer(tmp_path / "tok", "llama3")  # no generation_config.json here
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": tok.convert_tokens_to_ids("<|eot_id|>")}))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": [
+        {"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]}])
+    s = settings((data,), tokenizer_path=str(tmp_path / "tok"), model_path=str(tmp_path / "model"))
+    _, (sample,) = check(s, tok)
+    assert tok.decode(sample.ids[sample.mask]) == "world<|eot_id|>"  # no <|end_of_text|> appended

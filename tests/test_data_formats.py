@@ -1,10 +1,14 @@
 """Exact token ids and loss masks, per format, against apply_chat_template / the documented prompts."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 from data_helpers import llama3_dir, make_tokenizer, plain_dir, settings, write_jsonl  # noqa: F401
 
 from jaxtune.data import load_tokenizer, prepare_datasets
+from jaxtune.data.tokenize import eos_token_ids
 
 # The documented Stanford Alpaca prompts (docs/data.md), written out.
 ALPACA_WITH_INPUT = (
@@ -176,6 +180,54 @@ def test_llama3_template_without_generation_config_appends_eos(tmp_path):
     tok, ids, trained = one_sample(tmp_path, str(tok_dir), {"messages": messages})
     assert ids == chat_ids(tok, messages) + [tok.eos_token_id]
     assert trained_text(tok, ids, trained) == "world<|eot_id|><|end_of_text|>"
+
+
+@pytest.fixture
+def split_dirs(tmp_path):
+    """A tokenizer directory without generation_config.json, and the model directory whose
+    generation_config.json says <|eot_id|> ends a turn (data.tokenizer_path != model.hf_path)."""
+    tok = make_tokenizer(tmp_path / "tok", "llama3")
+    model = tmp_path / "model"
+    model.mkdir()
+    ids = [tok.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|eot_id|>")]
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": ids}))
+    return str(tmp_path / "tok"), str(model)
+
+
+def test_the_model_directorys_generation_config_ends_turns(tmp_path, split_dirs):
+    tok_dir, model_dir = split_dirs
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]
+    tok, ids, trained = one_sample(tmp_path, tok_dir, {"messages": messages}, model_path=model_dir)
+    assert ids == chat_ids(tok, messages)  # no EOS appended: <|eot_id|> ends the turn
+    assert trained == expected_chat_mask(tok, messages, len(ids))
+    assert trained_text(tok, ids, trained) == "world<|eot_id|>"
+
+
+def test_turn_ends_are_the_union_of_both_directories(tmp_path, split_dirs):
+    tok_dir, model_dir = split_dirs
+    tok = load_tokenizer(tok_dir)
+    (tmp_path / "tok" / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": tok.convert_tokens_to_ids("<|im_end|>")}))
+    names = lambda ids: sorted(tok.convert_ids_to_tokens(sorted(ids)))  # noqa: E731
+    assert names(eos_token_ids(tok, model_dir, tok_dir)) == ["<|end_of_text|>", "<|eot_id|>", "<|im_end|>"]
+    assert names(eos_token_ids(tok, "", tok_dir)) == ["<|end_of_text|>", "<|im_end|>"]
+
+
+def test_the_cache_key_follows_the_model_directorys_turn_ends_not_its_name(tmp_path, split_dirs):
+    tok_dir, model_dir = split_dirs
+    data = write_jsonl(tmp_path / "data.jsonl", [{"messages": [{"role": "user", "content": "hello"},
+                                                               {"role": "assistant", "content": "world"}]}])
+
+    def cache_log(model_path):
+        log = []
+        s = settings(data, tok_dir, cache_dir=str(tmp_path / "cache"), model_path=model_path)
+        prepare_datasets(s, load_tokenizer(tok_dir), log=log.append)
+        return log[0]
+
+    assert "cache miss" in cache_log(model_dir)
+    copy = shutil.copytree(model_dir, tmp_path / "copy")
+    assert "cache hit" in cache_log(str(copy))  # same turn ends, another directory
+    assert "cache miss" in cache_log("")  # <|eot_id|> no longer ends a turn
 
 
 def test_conversation_ending_with_user_turn_gets_no_eos(tmp_path, llama3_dir):

@@ -9,6 +9,8 @@ from data_helpers import llama3_dir, settings, trained_segments, write_jsonl  # 
 
 from jaxtune.data import load_tokenizer, prepare_datasets
 from jaxtune.data.readers import SourceFile, resolve_files
+from jaxtune.data.records import BadRecord
+from jaxtune.errors import UserError
 
 ALPACA = [
     {"instruction": "translate into french", "input": "the cat", "output": "le chat"},
@@ -109,3 +111,45 @@ def test_resolve_files_kinds_and_identity(tmp_path):
     assert files == [SourceFile(a, "jsonl"), SourceFile(saved, "arrow")]  # the glob repeats a.jsonl: read once
     identity = files[1].identity()
     assert len(identity) >= 2 and all(os.path.isabs(p) for p, _, _ in identity)
+
+
+def test_a_file_named_in_several_spellings_is_read_once(tmp_path, llama3_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "a.jsonl", ALPACA)
+    os.symlink(tmp_path / "a.jsonl", tmp_path / "link.jsonl")
+    specs = ["a.jsonl", "./a.jsonl", str(tmp_path / "a.jsonl"), "*.jsonl"]
+    assert resolve_files(tuple(specs), "data.train_files") == [SourceFile("a.jsonl", "jsonl")]
+    data = rows_of(specs, llama3_dir)
+    assert data.report.train.records == len(ALPACA)
+    assert data.train.equals(rows_of(["a.jsonl"], llama3_dir).train)
+
+
+def test_csv_locations_are_the_lines_where_rows_start(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text(
+        "instruction,output\n"            # 1
+        "say hello,hello\n"               # 2
+        "\n"                              # 3
+        '"two\n'                          # 4: a quoted field over two lines
+        'lines",six\n'                    # 5
+        "\n"                              # 6
+        "too few\n"                       # 7
+        "a,b,c\n"                         # 8
+        "capital of france?,paris\n"      # 9
+    )
+    got = [str(r) if isinstance(r, BadRecord) else (str(r.location), r.value)
+           for r in SourceFile(str(path), "csv").records()]
+    assert got == [
+        (f"{path}:2", {"instruction": "say hello", "output": "hello"}),
+        (f"{path}:4", {"instruction": "two\nlines", "output": "six"}),
+        f"{path}:7: the row has 1 value(s) but the header has 2 columns",
+        f"{path}:8: the row has 3 value(s) but the header has 2 columns",
+        (f"{path}:9", {"instruction": "capital of france?", "output": "paris"}),
+    ]
+
+
+def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("instruction,output,output\nsay hello,hello,bye\n")
+    with pytest.raises(UserError, match=r"t.csv:1: the header names column\(s\) output more than once"):
+        list(SourceFile(str(path), "csv").records())

@@ -16,13 +16,14 @@ def test_from_config_defaults_and_overrides():
     s = DataSettings.from_config(c)
     assert s == DataSettings(
         train_files=("a.jsonl", "b/*.parquet"), eval_files=(), format="auto", tokenizer_path="/models/llama",
-        max_seq_len=1024, packing=True, truncation="truncate", train_on_prompt=False, on_bad_record="error",
-        eval_fraction=0.05, cache_dir="runs/x/data_cache", seed=17,
+        max_seq_len=1024, model_path="/models/llama", packing=True, truncation="truncate", train_on_prompt=False,
+        on_bad_record="error", eval_fraction=0.05, cache_dir="runs/x/data_cache", seed=17,
     )
     c.data.tokenizer_path = "/tokenizers/t"
     c.data.cache_dir = "/shared/cache"
     s = DataSettings.from_config(c)
-    assert (s.tokenizer_path, s.cache_dir) == ("/tokenizers/t", "/shared/cache")
+    # The model directory stays the model's: its generation_config.json names turn-ending tokens.
+    assert (s.tokenizer_path, s.model_path, s.cache_dir) == ("/tokenizers/t", "/models/llama", "/shared/cache")
 
 
 @pytest.mark.parametrize("field,value,words", [

@@ -65,6 +65,8 @@ def settings_from(args, config):
         raise UserError("no training data: give --data FILE... or a --config whose data.train_files is set.")
     if not settings.tokenizer_path:
         raise UserError("no tokenizer: give --tokenizer DIR or a --config whose model.hf_path is set.")
+    if not settings.model_path:  # without a recipe's model, the --tokenizer directory is the model's
+        settings = dataclasses.replace(settings, model_path=settings.tokenizer_path)
     return settings
 
 
@@ -98,8 +100,7 @@ def main(argv=None) -> int:
     from jaxtune.data.quality import check_data, render_sample
 
     tokenizer = load_tokenizer(settings.tokenizer_path)
-    # the recipe's model, else the tokenizer directory when it is a model directory
-    vocab_size = model_vocab_size(config.model.hf_path or settings.tokenizer_path)
+    vocab_size = model_vocab_size(settings.model_path)
     report, samples = check_data(settings, tokenizer, ngram=args.ngram, vocab_size=vocab_size)
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     for sample in samples[: args.show]:

@@ -55,15 +55,16 @@ def prepare_datasets(
         raise UserError("data.train_files must list at least one file, glob or directory.")
     train_files = resolve_files(settings.train_files, "data.train_files")
     eval_files = resolve_files(settings.eval_files, "data.eval_files")
-    eos_ids = eos_token_ids(tokenizer, settings.tokenizer_path)
+    eos_ids = eos_token_ids(tokenizer, settings.model_path, settings.tokenizer_path)
 
     key_inputs = {
         "train_files": [f.identity() for f in train_files],
         "eval_files": [f.identity() for f in eval_files],
         "tokenizer": cache.tokenizer_fingerprint(tokenizer, eos_ids),
+        # Directories enter by what they hold (the fingerprint above), not by name.
         "settings": {
             k: v for k, v in dataclasses.asdict(settings).items()
-            if k not in ("train_files", "eval_files", "tokenizer_path", "cache_dir")
+            if k not in ("train_files", "eval_files", "tokenizer_path", "model_path", "cache_dir")
         },
         "process": [process_index, process_count],
     }

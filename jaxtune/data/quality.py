@@ -197,7 +197,7 @@ def check_data(settings: DataSettings, tokenizer, *, ngram: int = 13,
     """The quality report, and the train samples as tokenized (for rendering with `render_sample`).
     File-level problems (missing file, unknown format, no chat template) raise UserError.
     With the model's `vocab_size`, samples holding a token id it has no embedding for are errors."""
-    eos_ids = eos_token_ids(tokenizer, settings.tokenizer_path)
+    eos_ids = eos_token_ids(tokenizer, settings.model_path, settings.tokenizer_path)
     encoder = SampleEncoder(tokenizer, train_on_prompt=settings.train_on_prompt, eos_ids=eos_ids)
     findings: list[Finding] = []
     if not settings.train_files:

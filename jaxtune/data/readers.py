@@ -72,9 +72,10 @@ class SourceFile:
 
 
 def resolve_files(specs: tuple[str, ...], key: str) -> list[SourceFile]:
-    """Expands files, globs and `save_to_disk` directories (in the order given, globs sorted)."""
+    """Expands files, globs and `save_to_disk` directories (in the order given, globs sorted).
+    A file named twice, in any spelling (`a.jsonl`, `./a.jsonl`, a link), is read once."""
     files: list[SourceFile] = []
-    seen: set[str] = set()
+    seen: set[str] = set()  # real paths; messages keep the path as given
     for spec in specs:
         if glob.has_magic(spec):
             matches = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
@@ -85,8 +86,9 @@ def resolve_files(specs: tuple[str, ...], key: str) -> list[SourceFile]:
             if not os.path.exists(matches[0]):
                 raise UserError(f"{key}: {spec} does not exist.")
         for path in matches:
-            if path not in seen:
-                seen.add(path)
+            real = os.path.realpath(path)
+            if real not in seen:
+                seen.add(real)
                 files.append(_source(path, key))
     return files
 
@@ -154,22 +156,29 @@ def _read_json(path: str) -> Iterator[Record | BadRecord]:
 
 
 def _read_csv(path: str) -> Iterator[Record | BadRecord]:
+    """Rows as dicts, each at the line where it starts. csv.reader, not DictReader: DictReader
+    skips blank lines without saying so, which hides where the row it returns starts."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long texts exceed the 128 KiB default
     try:
         with _open_text(path) as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None:  # reading the header first puts line_num where the data starts
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
                 return
-            line = reader.line_num + 1
-            for row in reader:
-                location = Location(path, line=line)
-                line = reader.line_num + 1
-                columns = len(reader.fieldnames)
-                have = columns + len(row[None]) if None in row else sum(v is not None for v in row.values())
-                if have != columns:
-                    yield BadRecord(location, f"the row has {have} value(s) but the header has {columns} columns")
+            twice = sorted({name for name in header if header.count(name) > 1})
+            if twice:
+                raise UserError(f"{path}:{reader.line_num}: the header names column(s) {', '.join(twice)} more than once.")
+            start = reader.line_num + 1
+            for row in reader:  # one row, or [] for one blank line
+                location = Location(path, line=start)
+                start = reader.line_num + 1
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    reason = f"the row has {len(row)} value(s) but the header has {len(header)} columns"
+                    yield BadRecord(location, reason)
                 else:
-                    yield Record(location, row)
+                    yield Record(location, dict(zip(header, row)))
     except UnicodeDecodeError:
         raise UserError(f"{path} is not valid UTF-8 text.") from None
     except csv.Error as e:

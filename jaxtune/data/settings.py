@@ -19,6 +19,7 @@ class DataSettings:
     format: str  # "auto" or one of FORMATS
     tokenizer_path: str
     max_seq_len: int
+    model_path: str = ""  # the model directory: its generation_config.json names turn-ending tokens
     packing: bool = True
     truncation: str = "truncate"  # truncate | drop
     train_on_prompt: bool = False
@@ -52,6 +53,7 @@ class DataSettings:
             format=d.format,
             tokenizer_path=d.tokenizer_path or config.model.hf_path,
             max_seq_len=int(d.max_seq_len),
+            model_path=config.model.hf_path,
             packing=bool(d.packing),
             truncation=d.truncation,
             train_on_prompt=bool(d.train_on_prompt),

@@ -40,12 +40,14 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def eos_token_ids(tokenizer, tokenizer_path: str = "") -> frozenset[int]:
-    """Tokens that end a turn: the tokenizer's EOS and the `eos_token_id`s of the model's
-    generation_config.json (Llama 3 Instruct ends turns with <|eot_id|>, not its EOS)."""
+def eos_token_ids(tokenizer, *dirs: str) -> frozenset[int]:
+    """Tokens that end a turn: the tokenizer's EOS and the `eos_token_id`s of generation_config.json
+    in each of `dirs` that has one (the model's and the tokenizer's directory; Llama 3 Instruct
+    ends turns with <|eot_id|>, not its EOS, and lists it only there)."""
     ids = {int(tokenizer.eos_token_id)}
-    file = os.path.join(tokenizer_path, "generation_config.json") if tokenizer_path else ""
-    if file and os.path.isfile(file):
+    for file in dict.fromkeys(os.path.join(d, "generation_config.json") for d in dirs if d):
+        if not os.path.isfile(file):
+            continue
         try:
             with open(file) as f:
                 value = json.load(f).get("eos_token_id")
