@@ -12,7 +12,7 @@ import ast
 import importlib.util
 import os
 import re
-from typing import Sequence
+from typing import Callable, Sequence
 
 import ml_collections
 from ml_collections import config_dict
@@ -114,6 +114,8 @@ def load_recipe(path: str) -> ml_collections.ConfigDict:
     if not os.path.isfile(path):
         raise UserError(f"config file {path} does not exist.")
     spec = importlib.util.spec_from_file_location("jaxtune_recipe", path)
+    if spec is None or not path.endswith(".py"):
+        raise UserError(f"config file {path} is not a Python recipe (a .py file with get_config()).")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
@@ -244,8 +246,43 @@ def has_eval_data(config) -> bool:
     return bool(config.data.eval_files) or config.data.eval_fraction > 0
 
 
+def _kind(default) -> tuple[str, Callable[[object], bool]]:
+    """What a key whose default is `default` accepts, in words, and the test for it."""
+    if isinstance(default, bool):
+        return "true or false", lambda v: isinstance(v, bool)
+    if isinstance(default, int):
+        return "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if isinstance(default, float):
+        return "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    if isinstance(default, str):
+        return "a string", lambda v: isinstance(v, str)
+    if isinstance(default, tuple):
+        return "a list of paths (strings)", lambda v: isinstance(v, (tuple, list)) and all(isinstance(x, str) for x in v)
+    raise TypeError(f"no type rule for default {default!r}")
+
+
+def _check_types(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, prefix: str = "") -> None:
+    """Every key holds a value of its default's type. ml_collections lets None through for any
+    field, and does not look inside tuples, so a recipe could otherwise pass a None or a Path
+    that fails much later with a traceback."""
+    for key, default in reference.items():
+        name = prefix + key
+        if key not in config:
+            raise UserError(f"config key {name} is missing (a recipe replaced its section?).")
+        value = config[key]
+        if isinstance(default, ml_collections.ConfigDict):
+            if not isinstance(value, ml_collections.ConfigDict):
+                raise UserError(f"config key {name} must be a section, got {value!r}.")
+            _check_types(value, default, name + ".")
+        elif default is not None:  # placeholders (None by default) are typed by ml_collections
+            words, ok = _kind(default)
+            if not ok(value):
+                raise UserError(f"{name} must be {words}, got {value!r}.")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Values and contradictions that need no devices or files."""
+    _check_types(config, defaults())
     m, d, t, o = config.model, config.data, config.train, config.optimizer
     if not config.workdir:
         raise UserError("workdir must be set.")
@@ -298,6 +335,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise UserError("optimizer.warmup_steps must be >= 0.")
     if not 0 <= o.min_lr_ratio <= 1:
         raise UserError(f"optimizer.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}.")
+    if o.schedule == "constant" and o.min_lr_ratio:
+        raise UserError("optimizer.min_lr_ratio has no effect with optimizer.schedule=constant; set it to 0 "
+                        "or choose linear or cosine.")
     if o.weight_decay < 0 or o.max_grad_norm < 0 or o.eps <= 0:
         raise UserError("optimizer.weight_decay and max_grad_norm must be >= 0, eps > 0.")
     if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1):

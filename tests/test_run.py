@@ -27,6 +27,12 @@ from run_helpers import ROOT, make_config, read_metrics, run_py, write_recipe
          "train.load_best_at_end needs evaluation data"),
         (["--config.model.remat=sometimes"], "model.remat must be one of"),
         (["positional"], "unexpected argument 'positional'"),
+        (["--config", "README.md"], "config file README.md is not a Python recipe"),
+        (["--config.data.max_seq_len=None"], "data.max_seq_len must be an integer, got None"),
+        (["--config.data.eval_fraction=None"], "data.eval_fraction must be a number, got None"),
+        (["--config.data.train_files=['a.jsonl', 1]"], "data.train_files must be a list of paths (strings)"),
+        (["--config.optimizer.schedule=constant", "--config.optimizer.min_lr_ratio=0.1"],
+         "optimizer.min_lr_ratio has no effect with optimizer.schedule=constant"),
     ],
 )
 def test_config_errors_are_one_line_before_any_work(args, message, tmp_path):
@@ -47,10 +53,31 @@ def test_config_errors_are_one_line_before_any_work(args, message, tmp_path):
     ],
 )
 def test_a_recipe_that_sets_a_misspelt_key_or_a_wrong_type_is_refused(line, message, tmp_path):
-    recipe = tmp_path / "recipe.py"
-    recipe.write_text(f"from jaxtune.config import defaults\n\ndef get_config():\n    c = defaults()\n    {line}\n    return c\n")
+    recipe = _recipe(tmp_path, line)
     with pytest.raises(UserError, match=re.escape(f"config file {recipe}: {message}")):
-        load_recipe(str(recipe))
+        load_recipe(recipe)
+
+
+def _recipe(tmp_path, *lines) -> str:
+    recipe = tmp_path / "recipe.py"
+    body = "".join(f"    {line}\n" for line in lines)
+    recipe.write_text(f"import pathlib\nfrom jaxtune.config import defaults\n\ndef get_config():\n"
+                      f"    c = defaults()\n{body}    return c\n")
+    return str(recipe)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("c.data.train_files = (pathlib.Path('train.jsonl'),)", "data.train_files must be a list of paths (strings)"),
+        ("c.data.eval_fraction = None", "data.eval_fraction must be a number, got None"),
+        ("c.train.seed = True", "train.seed must be an integer, got True"),
+    ],
+)
+def test_a_recipe_value_of_the_wrong_kind_is_named(line, message, tmp_path):
+    config = load_recipe(_recipe(tmp_path, "c.model.hf_path = 'model'", "c.data.train_files = ('t.jsonl',)", line))
+    with pytest.raises(UserError, match=re.escape(message)):
+        validate(config)
 
 
 @pytest.mark.parametrize("text, value", [("1", True), ("yes", True), ("false", False), ("0", False)])
