@@ -111,9 +111,8 @@ class Checkpointer:
     def restore_latest(self, abstract_state: TrainState, log=print):
         """(step, state, loop) of the newest readable checkpoint, or None if there is none.
 
-        Best-model checkpoints written after the restored step belong to a timeline that
-        is replayed from here, so they are removed: `best/` always agrees with the
-        restored early-stopping and best-model state. A checkpoint whose arrays do not have
+        `best/` is made to agree with the restored best-model state (`_reconcile_best`). A
+        checkpoint whose arrays do not have
         the shapes this config makes is a config change, not corruption: that is an error
         whatever `on_corrupt` says, and the checkpoint is left as it is.
         """
@@ -138,9 +137,29 @@ class Checkpointer:
                 log(f"warning: checkpoint {where} is unreadable ({type(e).__name__}); moved it to "
                     f"{where}.corrupt and trying the previous one")
                 continue
-            self.discard_best_after(step)
+            self._reconcile_best(step, loop, log)
             return step, state, loop
         return None
+
+    def _reconcile_best(self, step: int, loop: LoopState, log) -> None:
+        """Best-model checkpoints written after `step` belong to a timeline that is replayed
+        (or, after an anomaly rollback, abandoned) from here, so they are removed, unless the
+        restored best's own files are gone: `keep_best` deleted them when a later best
+        arrived. Those later parameters were evaluated, so they are kept and become the best
+        so far; removing them would leave no best model at all.
+        """
+        self.best_manager.wait_until_finished()
+        on_disk = self.best_manager.all_steps()
+        if loop.best.step is None or loop.best.step in on_disk or not on_disk:
+            self.discard_best_after(step)
+            return
+        best = self.best_step()
+        loop.best.value, loop.best.step = float(self._best_meta(best)["value"]), best
+        log(f"the best model of step {step} was replaced by later ones; keeping best/{best} "
+            f"({self.metric} {loop.best.value:.6g}) as the best so far")
+
+    def _best_meta(self, step: int) -> dict:
+        return self.best_manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def _config_change(self, step: int, abstract_state: TrainState) -> str | None:
         """What differs between the arrays saved at `step` and `abstract_state`, in words;
@@ -177,6 +196,9 @@ class Checkpointer:
     # ---- best parameters ------------------------------------------------------------------
     def save_best(self, step: int, params, value: float, metrics: dict) -> None:
         meta = {"step": step, "metric": self.metric, "value": value, "metrics": metrics}
+        self.best_manager.wait_until_finished()
+        if step in self.best_manager.all_steps():  # a better evaluation of the same step, after a rollback
+            self.best_manager.delete(step)
         self.best_manager.save(
             step,
             args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)),

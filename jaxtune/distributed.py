@@ -25,6 +25,14 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (a no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def _gather(value) -> np.ndarray:
     if jax.process_count() == 1:
         return np.asarray([value])

@@ -87,6 +87,22 @@ class IntervalState:
 
 
 @dataclasses.dataclass
+class DataOrder:
+    """What fixes the sequence of training batches. A saved data position (epoch, batch)
+    means other batches under other values: resuming would silently skip or repeat data."""
+
+    global_batch_size: int
+    seed: int
+    rows: int  # training rows used per epoch, over all processes
+
+    def changes_from(self, saved: "DataOrder") -> list[str]:
+        names = {"global_batch_size": "train.global_batch_size", "seed": "train.seed",
+                 "rows": "the number of training rows (data or data settings)"}
+        return [f"{names[f]} was {getattr(saved, f)}, now {getattr(self, f)}"
+                for f in names if getattr(saved, f) != getattr(self, f)]
+
+
+@dataclasses.dataclass
 class LoopState:
     epoch: int = 0  # data-loader position: the next batch is (epoch, batch_index)
     batch_index: int = 0
@@ -97,6 +113,7 @@ class LoopState:
     stopped_early: bool = False
     interval: IntervalState = dataclasses.field(default_factory=IntervalState)
     wandb_id: str | None = None  # the W&B run this training run logs to, across restarts
+    data_order: DataOrder | None = None  # None in checkpoints written before it was recorded
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -107,4 +124,5 @@ class LoopState:
         d["early_stopping"] = EarlyStoppingState(**d.get("early_stopping", {}))
         d["best"] = BestModelState(**d.get("best", {}))
         d["interval"] = IntervalState(**d.get("interval", {}))
+        d["data_order"] = DataOrder(**d["data_order"]) if d.get("data_order") else None
         return cls(**d)

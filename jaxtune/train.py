@@ -31,7 +31,7 @@ from jaxtune.models.hf_io import abstract_model, check_checkpoint, load_params
 from jaxtune.models.llama import LlamaConfig
 from jaxtune.optim import OptimizerSettings, build_optimizer, lr_schedule, num_warmup_steps
 from jaxtune.preemption import StopRequest
-from jaxtune.state import IntervalState, LoopState, TrainState
+from jaxtune.state import DataOrder, IntervalState, LoopState, TrainState
 from jaxtune.steps import (
     StepSettings, fetch_metrics, make_eval_step, make_train_step, state_shardings, to_global_batch,
 )
@@ -64,24 +64,41 @@ def _check_token_ids(data, vocab_size: int, tokenizer_path: str, tokenizer_size:
         )
 
 
-def _prepare_workdir(config) -> bool:
-    """Applies train.resume/overwrite; True when there is a checkpoint to resume from."""
+# What a run writes into its workdir. `resume=never` + `overwrite` deletes only these (the data
+# cache is reused by design, and anything else in the directory is the user's).
+RUN_OUTPUTS = ("checkpoints", "best", "metrics.jsonl", "tensorboard", "config.json", "curves.png", "wandb")
+
+
+def _previous_outputs(workdir: str) -> list[str]:
+    return [n for n in RUN_OUTPUTS if os.path.exists(os.path.join(workdir, n))]
+
+
+def _check_workdir(config) -> bool:
+    """Applies train.resume; True when there is a checkpoint to resume from.
+
+    With `resume=never`, a previous run's outputs are refused unless `train.overwrite`; they
+    are deleted later (`_clear_previous_outputs`), once the data has been read and checked.
+    """
     workdir = config.workdir
     ckpt_dir = os.path.join(workdir, "checkpoints")
     has_ckpt = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
     if config.train.resume == "auto":
         return has_ckpt
-    leftovers = [n for n in os.listdir(workdir) if n != "data_cache"] if os.path.isdir(workdir) else []
-    if leftovers and not config.train.overwrite:
+    outputs = _previous_outputs(workdir)
+    if outputs and not config.train.overwrite:
         raise UserError(
-            f"workdir {workdir} is not empty and train.resume=never; choose another workdir or set "
-            "--config.train.overwrite=True to delete its checkpoints and logs."
+            f"workdir {workdir} holds a previous run's outputs ({', '.join(outputs)}) and train.resume=never; "
+            "choose another workdir or set --config.train.overwrite=True to delete them."
         )
-    if leftovers and jax.process_index() == 0:
-        for name in leftovers:
+    return False
+
+
+def _clear_previous_outputs(workdir: str) -> None:
+    if jax.process_index() == 0:
+        for name in _previous_outputs(workdir):
             path = os.path.join(workdir, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    return False
+    distributed.barrier("previous outputs deleted")  # before any process writes new ones
 
 
 def _resolved_config(config, mesh_sizes, settings) -> dict:
@@ -131,7 +148,7 @@ class _Loop:
         self.abstract_params = nnx.as_pure(abstract)
         sharding.tree_shardings(self.mesh, self.abstract_params)  # unshardable parameter -> UserError now
         check_checkpoint(c.model.hf_path, self.model_config, c.model.allow_pickle)  # before the workdir is touched
-        resume = _prepare_workdir(c)
+        resume = _check_workdir(c)
 
         # Data: validated and tokenized before any weight is loaded.
         self.data_settings = DataSettings.from_config(c)
@@ -159,6 +176,8 @@ class _Loop:
         self.abstract_state = jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, self.shardings
         )
+        if c.train.resume == "never":
+            _clear_previous_outputs(c.workdir)
         self.gib = metric_greater_is_better(c)
         self.ckpt = Checkpointer(c.workdir, keep=c.checkpoint.keep, keep_best=c.checkpoint.keep_best,
                                  metric=c.checkpoint.metric, greater_is_better=self.gib,
@@ -171,6 +190,16 @@ class _Loop:
             self.step, self.loop = 0, LoopState()
             self.ckpt.discard_best_after(-1)  # left by a run that died before its first checkpoint
             self.state = self._fresh_state()
+        data_order = DataOrder(t.global_batch_size, t.seed, self.loader.usable_rows * procs)
+        if restored is not None and self.loop.data_order is not None:
+            changes = data_order.changes_from(self.loop.data_order)
+            if changes:
+                raise UserError(
+                    f"checkpoint {os.path.join(self.ckpt.directory, str(self.step))} was written for another order "
+                    f"of training batches ({'; '.join(changes)}), so its data position would skip or repeat data; "
+                    "resume with the settings it was written with, or use a new workdir."
+                )
+        self.loop.data_order = data_order
         self.loader.position = LoaderPosition(self.loop.epoch, self.loop.batch_index)
         step_settings = StepSettings(
             compute_dtype=jnp.dtype(c.model.compute_dtype), loss_chunk_len=c.model.loss_chunk_len,
@@ -263,7 +292,8 @@ class _Loop:
         if s % t.log_every == 0 or s == self.total_steps:
             self._log_interval()
         paused = time.perf_counter()
-        if self.eval_rows is not None and t.eval_every and s % t.eval_every == 0:
+        # The last step is evaluated before it is saved, so that its checkpoint holds the final eval.
+        if self.eval_rows is not None and ((t.eval_every and s % t.eval_every == 0) or s == self.total_steps):
             if self._evaluate():
                 self.ckpt.save(s, self.state, self.loop)
                 return "early_stopping"
@@ -302,6 +332,8 @@ class _Loop:
         self.ckpt.wait()
         if a.on_persistent == "stop" or not self.ckpt.steps():
             self.log.close(plot=False)
+            if not self.ckpt.steps():
+                raise AnomalyStop(f"{what}; stopping: there is no checkpoint to roll back to yet.")
             raise AnomalyStop(f"{what}; stopping (the last good checkpoint is in {self.ckpt.directory}).")
         self.loader.position = position  # a batch already fetched after the bad ones is used again
         restored_step, self.state, restored_loop = self.ckpt.restore_latest(self.abstract_state)

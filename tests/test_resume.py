@@ -1,5 +1,6 @@
 """Checkpoints: exact resume, preemption, crash safety, best model, early stopping, anomalies."""
 
+import dataclasses
 import glob
 import os
 import re
@@ -57,11 +58,30 @@ def test_resume_after_a_clean_stop_is_exact(reference, tmp_path):
 def test_resume_never_refuses_a_used_workdir_unless_overwrite(reference, tmp_path):
     overrides, _ = reference
     run(make_config(overrides(tmp_path / "run", train__max_steps=2, train__eval_every=0)))
-    with pytest.raises(UserError, match="is not empty and train.resume=never"):
+    with pytest.raises(UserError, match="holds a previous run's outputs .*checkpoints.* and train.resume=never"):
         run(make_config(overrides(tmp_path / "run", train__max_steps=2, train__resume="never")))
     fresh = run(make_config(overrides(tmp_path / "run", train__max_steps=2, train__eval_every=0,
                                       train__resume="never", train__overwrite=True)))
     assert [r["step"] for r in fresh.history if "loss" in r] == [1, 2]  # started afresh
+
+
+def test_overwrite_deletes_only_the_runs_outputs_and_only_once_the_data_is_good(reference, run_assets, tmp_path):
+    overrides, _ = reference
+    workdir = tmp_path / "run"
+    run(make_config(overrides(workdir, train__max_steps=2, train__eval_every=0)))
+    mine = workdir / "my_train.jsonl"  # the user's own files may live in the workdir
+    shutil.copy(run_assets.train, mine)
+    (workdir / "NOTES.md").write_text("mine")
+    bad = workdir / "bad.jsonl"
+    bad.write_text("{not json\n")
+    again = dict(train__max_steps=3, train__eval_every=0, train__resume="never", train__overwrite=True)
+    with pytest.raises(UserError, match="malformed JSON"):
+        run(make_config(overrides(workdir, data__train_files=(str(bad),), **again)))
+    assert os.path.isdir(workdir / "checkpoints" / "2")  # a data error destroys nothing
+    fresh = run(make_config(overrides(workdir, data__train_files=(str(mine),), **again)))
+    assert fresh.stop_reason == "completed" and fresh.step == 3
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["3"]  # the previous run's step 2 is gone
+    assert (workdir / "NOTES.md").read_text() == "mine" and mine.exists() and bad.exists()
 
 
 def _wait_for_step(workdir, step, proc, timeout=120):
@@ -323,11 +343,53 @@ def test_persistent_anomalies_roll_back_past_the_bad_batches(reference, tmp_path
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(result.params))
 
 
+def test_a_rollback_keeps_a_best_model_that_replaced_the_restored_one(reference, tmp_path, monkeypatch):
+    """keep_best=1 deletes best/4 once step 6 evaluates better; a rollback to checkpoint 4
+    then must not delete best/6 as well, which left no best model at all."""
+    overrides, _ = reference
+    scripted = iter([5.0, 4.0, 3.0] + [4.5] * 4)  # evals at 2, 4, 6 | rollback to 4 | 6, 8, 10, 12
+    original = jaxtune.train.evaluate
+
+    def evaluate(*args):
+        return dataclasses.replace(original(*args), loss=next(scripted))
+
+    monkeypatch.setattr(jaxtune.train, "evaluate", evaluate)
+    _poison(monkeypatch, {6, 7, 8})
+    result = run(make_config(overrides(tmp_path / "run", train__eval_every=2, anomaly__max_consecutive=3,
+                                       train__load_best_at_end=True)))
+    assert [(r["step"], r["to_step"]) for r in result.history if r.get("event") == "rollback"] == [(8, 4)]
+    assert (result.loop.best.step, result.loop.best.value) == (6, 3.0)
+    assert sorted(os.listdir(tmp_path / "run" / "best")) == ["6"]
+    ckpt = Checkpointer(str(tmp_path / "run"), keep=2, keep_best=1, metric="eval_loss", greater_is_better=False)
+    params, meta = ckpt.restore_best(jax.tree.map(np.asarray, result.params))
+    assert meta["step"] == 6
+    assert_trees_equal(params, result.params)  # load_best_at_end returned step 6's parameters
+
+
+def test_the_same_command_after_a_completed_run_changes_nothing(reference, tmp_path):
+    overrides, _ = reference
+    # The last step is a save step but not an eval step: the final eval comes after the periodic save.
+    config = make_config(overrides(tmp_path / "run", train__max_steps=6, train__eval_every=0, train__save_every=3))
+    first = run(config)
+    assert first.stop_reason == "completed" and "eval_loss" in first.history[-1]
+    again = run(config)  # used to fail: the checkpoint lacked the final eval, and best/6 existed
+    assert again.stop_reason == "completed" and again.step == 6
+    assert _comparable(again.history) == _comparable(first.history)
+    assert _comparable(read_metrics(tmp_path / "run")) == _comparable(first.history)
+
+
 def test_persistent_anomalies_can_stop_the_run(reference, tmp_path, monkeypatch):
     overrides, _ = reference
     _poison(monkeypatch, {6, 7, 8})
-    with pytest.raises(AnomalyStop, match="3 consecutive steps were skipped"):
+    with pytest.raises(AnomalyStop, match="3 consecutive steps were skipped.*last good checkpoint is in"):
         run(make_config(overrides(tmp_path / "run", anomaly__max_consecutive=3, anomaly__on_persistent="stop")))
+
+
+def test_persistent_anomalies_before_the_first_checkpoint_stop_and_say_why(reference, tmp_path, monkeypatch):
+    overrides, _ = reference
+    _poison(monkeypatch, {6, 7, 8})
+    with pytest.raises(AnomalyStop, match=r"skipped as anomalous \(last at step 8\); stopping: there is no checkpoint"):
+        run(make_config(overrides(tmp_path / "run", anomaly__max_consecutive=3, train__save_every=10)))
 
 
 DRIVER = """
@@ -393,6 +455,16 @@ def test_a_config_change_is_named_and_never_taken_for_corruption(reference, tmp_
         run(no_clip)
     assert sorted(os.listdir(ckpts)) == before  # nothing set aside
     assert run(make_config(overrides(tmp_path / "run"))).step == 12  # the original config resumes
+
+
+def test_resuming_with_another_order_of_batches_is_refused(reference, tmp_path):
+    overrides, _ = reference
+    run(make_config(overrides(tmp_path / "run")), should_stop=lambda step: step == 4)
+    with pytest.raises(UserError, match=re.escape(
+            "checkpoints/4 was written for another order of training batches (train.global_batch_size was 8, "
+            "now 16; train.seed was 0, now 1), so its data position would skip or repeat data")):
+        run(make_config(overrides(tmp_path / "run", train__global_batch_size=16, train__seed=1)))
+    assert run(make_config(overrides(tmp_path / "run"))).step == 12  # the original settings resume
 
 
 def test_the_same_command_after_early_stopping_trains_no_more(reference, tmp_path):
