@@ -224,6 +224,7 @@ class _Loop:
             f"{dict(zip(sharding.AXES, self.mesh.devices.shape))}; {self.total_steps} steps "
             f"({self.loader.steps_per_epoch} per epoch), warmup {num_warmup_steps(opt_settings, self.total_steps)}"
         )
+        self._warn_if_early_stopping_cannot_fire()
         self.flops_per_token = flops_per_token(self.model_config, c.data.max_seq_len)
         self.peak = peak_flops_per_device(c.model.compute_dtype, c.logging.peak_flops)
 
@@ -272,6 +273,17 @@ class _Loop:
         if pending is not None:
             self._after_step(*pending)
         return self._finish(reason)
+
+    def _warn_if_early_stopping_cannot_fire(self) -> None:
+        """Patience p stops a run only after p + 1 evaluations; too few steps make it a no-op."""
+        patience, every, steps = self.config.early_stopping.patience, self.config.train.eval_every, self.total_steps
+        if patience and self.eval_rows is not None:
+            evals = steps // every + (1 if steps % every else 0)  # the last step is always evaluated
+            if evals <= patience:
+                self.log.message(
+                    f"warning: early_stopping.patience={patience} cannot stop this run: it evaluates {evals} "
+                    f"time(s) (every {every} of {steps} steps) and stopping needs {patience + 1}."
+                )
 
     def _boundary_work_due(self) -> bool:
         t, s = self.config.train, self.step

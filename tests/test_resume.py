@@ -302,6 +302,15 @@ def test_early_stopping_after_exactly_patience_evaluations(reference, tmp_path):
     assert _comparable(second.history) == _comparable(stopped.history)
 
 
+def test_a_patience_that_cannot_stop_the_run_is_pointed_out(reference, tmp_path, capsys):
+    overrides, _ = reference
+    run(make_config(overrides(tmp_path / "run", train__max_steps=6, early_stopping__patience=2)))
+    assert ("warning: early_stopping.patience=2 cannot stop this run: it evaluates 2 time(s) (every 4 of 6 "
+            "steps) and stopping needs 3.") in capsys.readouterr().out
+    run(make_config(overrides(tmp_path / "run2", train__max_steps=8, train__eval_every=2, early_stopping__patience=2)))
+    assert "cannot stop this run" not in capsys.readouterr().out
+
+
 def _poison(monkeypatch, bad_calls):
     """Makes the batches of the given train-step calls produce a NaN loss."""
     original = jaxtune.train.to_global_batch
