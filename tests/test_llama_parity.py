@@ -76,6 +76,35 @@ def test_config_in_transformers5_spelling(tmp_path):
     assert parsed.rope_scaling.rope_type == "linear" and parsed.rope_scaling.factor == 2.0
 
 
+def test_both_rope_spellings_resolve_as_transformers_resolves_them(tmp_path):
+    """A config with rope_parameters and the legacy keys (jaxtune's export writes both) that a
+    user edited the 4.x way: transformers takes rope_scaling, fills in the top-level
+    rope_theta, and lets a top-level original_max_position_embeddings override."""
+    import torch
+    import transformers
+
+    scaling = {k: v for k, v in LLAMA31_SCALING.items() if k != "rope_theta"}  # transformers adds it in place
+    make_hf_llama(tmp_path, num_key_value_heads=2, rope_theta=500000.0, rope_scaling=dict(scaling))
+    edit_config(tmp_path, rope_parameters={**scaling, "rope_theta": 500000.0}, rope_theta=20000.0,
+                rope_scaling={**scaling, "factor": 2.0}, original_max_position_embeddings=32)
+    ref_model = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    rope = ref_model.config.rope_parameters  # the premise: transformers' own reading
+    assert (rope["rope_theta"], rope["factor"], rope["original_max_position_embeddings"]) == (20000.0, 2.0, 32)
+    parsed = LlamaConfig.from_pretrained(tmp_path)
+    assert (parsed.rope_theta, parsed.rope_scaling.factor, parsed.rope_scaling.original_max_position_embeddings) == (
+        20000.0, 2.0, 32)
+    ids = _ids(length=200)
+    assert_close_scaled(jaxtune.from_pretrained(tmp_path)(jnp.asarray(ids)), torch_logits(ref_model, ids))
+
+
+@pytest.mark.parametrize("value", ["linear", 2.0, [["rope_type", "linear"], ["factor", 2.0]]])
+def test_a_rope_scaling_that_is_not_an_object_is_refused(tmp_path, value):
+    make_hf_llama(tmp_path)
+    edit_config(tmp_path, rope_scaling=value)
+    with pytest.raises(UserError, match="unsupported rope_scaling=.*: expected an object"):
+        LlamaConfig.from_pretrained(tmp_path)
+
+
 # Each math-relevant field changes the logits when changed (with the same weights).
 FIELD_CHANGES = {
     "rope_theta": lambda c: {"rope_parameters": {**c["rope_parameters"], "rope_theta": 10000.0}},

@@ -204,15 +204,15 @@ class LlamaConfig:
 
 
 def _read_rope(d: dict[str, Any], refuse) -> tuple[float, RopeScaling | None]:
-    params = d.get("rope_parameters")  # transformers 5.x
-    field = "rope_parameters"
-    if not params:
-        params = dict(d.get("rope_scaling") or {})  # transformers 4.x
-        field = "rope_scaling"
-    else:
-        params = dict(params)
-    if not isinstance(params, dict):
-        refuse(field, params, "expected an object")
+    """RoPE settings resolved in transformers' order: `rope_scaling` (the 4.x spelling) wins
+    over `rope_parameters` (5.x) when both are there, as in
+    `RotaryEmbeddingConfigMixin.convert_rope_params_to_dict`; a top-level `rope_theta` fills
+    in a missing one, and a top-level `original_max_position_embeddings` overrides."""
+    field = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+    raw = d.get(field) or {}
+    if not isinstance(raw, dict):
+        refuse(field, raw, "expected an object")
+    params = dict(raw)
     for key in params:
         if key not in _ROPE_KEYS:
             refuse(f"{field}.{key}", params[key], "this RoPE parameter is not implemented")
@@ -231,7 +231,10 @@ def _read_rope(d: dict[str, Any], refuse) -> tuple[float, RopeScaling | None]:
     for key in ("low_freq_factor", "high_freq_factor"):
         if key not in params:
             refuse(f"{field}.{key}", None, "rope_type 'llama3' needs it")
-    original = params.get("original_max_position_embeddings") or d.get("max_position_embeddings")
+    if "original_max_position_embeddings" in d:  # Phi-3 style, and transformers gives it priority
+        original = d["original_max_position_embeddings"]
+    else:
+        original = params.get("original_max_position_embeddings") or d.get("max_position_embeddings")
     if original is None:
         why = "rope_type 'llama3' needs it (or max_position_embeddings)"
         refuse(f"{field}.original_max_position_embeddings", None, why)
