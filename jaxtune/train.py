@@ -77,7 +77,8 @@ def _check_workdir(config) -> bool:
     """Applies train.resume; True when there is a checkpoint to resume from.
 
     With `resume=never`, a previous run's outputs are refused unless `train.overwrite`; they
-    are deleted later (`_clear_previous_outputs`), once the data has been read and checked.
+    are deleted later (`_clear_previous_outputs`), once the data has been read and checked and
+    the weights have loaded.
     """
     workdir = config.workdir
     ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -176,7 +177,9 @@ class _Loop:
         self.abstract_state = jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, self.shardings
         )
-        if c.train.resume == "never":
+        fresh = None
+        if c.train.resume == "never":  # weights first: a bad model directory must not cost the old run
+            fresh = self._fresh_state()
             _clear_previous_outputs(c.workdir)
         self.gib = metric_greater_is_better(c)
         self.ckpt = Checkpointer(c.workdir, keep=c.checkpoint.keep, keep_best=c.checkpoint.keep_best,
@@ -189,7 +192,7 @@ class _Loop:
         else:
             self.step, self.loop = 0, LoopState()
             self.ckpt.discard_best_after(-1)  # left by a run that died before its first checkpoint
-            self.state = self._fresh_state()
+            self.state = fresh if fresh is not None else self._fresh_state()
         data_order = DataOrder(t.global_batch_size, t.seed, self.loader.usable_rows * procs)
         if restored is not None and self.loop.data_order is not None:
             changes = data_order.changes_from(self.loop.data_order)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import glob
+import json
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ import jaxtune.train
 from jaxtune.checkpoint import Checkpointer
 from jaxtune.errors import UserError
 from jaxtune.train import AnomalyStop, run
+from helpers import edit_config
 from run_helpers import ROOT, assert_trees_equal, make_config, read_metrics, train_losses, write_recipe
 
 TIMING_KEYS = ("tokens_per_sec", "mfu")
@@ -78,6 +80,15 @@ def test_overwrite_deletes_only_the_runs_outputs_and_only_once_the_data_is_good(
     with pytest.raises(UserError, match="malformed JSON"):
         run(make_config(overrides(workdir, data__train_files=(str(bad),), **again)))
     assert os.path.isdir(workdir / "checkpoints" / "2")  # a data error destroys nothing
+    # Nor does a model whose weights do not fit its config.json (found only when they load).
+    model = tmp_path / "model"
+    shutil.copytree(run_assets.model, model)
+    with open(model / "config.json") as f:
+        layers = json.load(f)["num_hidden_layers"]
+    edit_config(model, num_hidden_layers=layers - 1)
+    with pytest.raises(UserError, match="tensors this Llama does not use"):
+        run(make_config(overrides(workdir, model__hf_path=str(model), data__train_files=(str(mine),), **again)))
+    assert os.path.isdir(workdir / "checkpoints" / "2")
     fresh = run(make_config(overrides(workdir, data__train_files=(str(mine),), **again)))
     assert fresh.stop_reason == "completed" and fresh.step == 3
     assert sorted(os.listdir(workdir / "checkpoints")) == ["3"]  # the previous run's step 2 is gone
