@@ -52,6 +52,8 @@ def _over_trained_chunks(fn, init, hidden, targets, weights, chunk_len):
     unless they share a chunk with trained ones. Returns the carry and the order that puts
     a reordered [B, T, ...] array back (`_take(x, inverse)`).
     """
+    if hidden.shape[1] % chunk_len:  # the last chunk's slice would be moved back and count positions twice
+        raise ValueError(f"chunk_len {chunk_len} must divide the sequence length {hidden.shape[1]}")
     order, inverse = _trained_first(weights)
     h, tgt, w = (_take(x, order) for x in (hidden, targets, weights))
     n = _chunks_with_training(w, chunk_len)

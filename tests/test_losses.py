@@ -67,3 +67,14 @@ def test_chunks_that_train_nothing_are_never_computed():
     # One chunk (or chunks that mix in untrained positions) does read them:
     assert np.isnan(float(fused_loss_sum(hidden, kernel, targets, weights, jnp.float32, 0)))
     assert np.isnan(float(fused_loss_sum(hidden, kernel, targets, weights, jnp.float32, 8)))
+
+
+def test_a_chunk_that_does_not_divide_the_sequence_is_refused():
+    """T=16 in chunks of 6: the last chunk's slice would be moved back over positions already
+    counted. (Training validates this; a direct caller of the library must get an error, not
+    a loss that double-counts.)"""
+    hidden, kernel, targets, weights = _inputs()
+    with pytest.raises(ValueError, match="chunk_len 6 must divide the sequence length 16"):
+        fused_loss_sum(hidden, kernel, targets, weights, jnp.float32, 6)
+    with pytest.raises(ValueError, match="chunk_len 6 must divide"):
+        loss_and_accuracy_sums(hidden, kernel, targets, weights, jnp.float32, 6)
