@@ -148,7 +148,8 @@ class _Loop:
         )
         self.abstract_params = nnx.as_pure(abstract)
         sharding.tree_shardings(self.mesh, self.abstract_params)  # unshardable parameter -> UserError now
-        check_checkpoint(c.model.hf_path, self.model_config, c.model.allow_pickle)  # before the workdir is touched
+        # Names and shapes of the weights, before the workdir is touched or any data is read.
+        check_checkpoint(c.model.hf_path, self.model_config, self.abstract_params, c.model.allow_pickle)
         resume = _check_workdir(c)
 
         # Data: validated and tokenized before any weight is loaded.

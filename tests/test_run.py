@@ -11,6 +11,7 @@ import pytest
 from jaxtune.config import apply_override, defaults, load_recipe, validate
 from jaxtune.errors import UserError
 from jaxtune.train import run
+from helpers import edit_config
 from run_helpers import ROOT, make_config, read_metrics, run_py, write_recipe
 
 
@@ -115,6 +116,17 @@ def test_a_model_directory_without_usable_weights_fails_before_the_workdir_is_to
     with pytest.raises(UserError, match="has no tensor model.layers.1.mlp.up_proj.weight"):
         run(make_config(tiny(workdir=workdir, **{"model__hf_path": str(missing)})))
     assert not workdir.exists()
+    # Shapes and extra tensors are read from the headers too, before any data is tokenized.
+    for name, change, message in [
+        ("fewer_layers", {"num_hidden_layers": 1}, "the checkpoint has tensors this Llama does not use"),
+        ("wider_mlp", {"intermediate_size": 2048}, r"has shape \(128, 384\) but config.json implies \(128, 2048\)"),
+    ]:
+        edited = tmp_path / name
+        shutil.copytree(source, edited)
+        edit_config(edited, **change)
+        with pytest.raises(UserError, match=message):
+            run(make_config(tiny(workdir=workdir, **{"model__hf_path": str(edited)})))
+        assert not workdir.exists()
 
 
 def test_token_ids_beyond_the_models_vocabulary_are_refused(tiny, tmp_path):

@@ -250,18 +250,48 @@ def _require(path: str, available: set[str], names: list[str]) -> None:
         raise UserError(f"{path}: the checkpoint has no tensor {missing[0]}.")
 
 
-def check_checkpoint(path: str | os.PathLike, config: LlamaConfig, allow_pickle: bool = False) -> None:
-    """Reads only the index or headers: the weight files exist and hold every tensor this
-    config needs. Run before any expensive work, so a wrong model directory fails at once."""
+def _check_layout(reader: SafetensorsReader, abstract_state, config: LlamaConfig) -> set[str]:
+    """From the headers alone: every tensor `abstract_state` needs is there with the shape
+    config.json implies, and nothing else is. Returns the names it uses."""
+    maps = tensor_maps(config)
+    available = reader.names()
+    used: set[str] = set()
+    for param_path, leaf in _param_leaves(abstract_state):
+        tmap = maps.get(param_path)
+        if tmap is None:
+            raise RuntimeError(f"no Hugging Face name for parameter {'/'.join(param_path)}")
+        names = _hf_names(tmap, config)
+        _require(reader.path, available, names)
+        expect = tmap.to_hf(np.empty(leaf.shape[1:] if tmap.stacked else leaf.shape, np.int8)).shape
+        for name in names:
+            if tuple(reader.shape(name)) != tuple(expect):
+                raise UserError(
+                    f"{reader.path}: tensor {name} has shape {tuple(reader.shape(name))} but config.json implies "
+                    f"{tuple(expect)}."
+                )
+        used.update(names)
+    if config.tie_word_embeddings and HEAD in available:
+        used.add(HEAD)  # compared with the embedding when loaded (_check_tied_head)
+    unexpected = sorted(n for n in available - used if not n.endswith(_IGNORED_SUFFIXES))
+    if unexpected:
+        raise UserError(
+            f"{reader.path}: the checkpoint has tensors this Llama does not use, e.g. {unexpected[0]} "
+            f"({len(unexpected)} in all); is config.json right for these weights?"
+        )
+    return used
+
+
+def check_checkpoint(path: str | os.PathLike, config: LlamaConfig, abstract_state, allow_pickle: bool = False) -> None:
+    """Reads only the index and headers: the weight files hold every tensor this config needs,
+    with its shape, and no other. Run before any expensive work, so a wrong model directory
+    fails at once (not after tokenizing)."""
     path = str(path)
     has_safetensors = any(os.path.isfile(os.path.join(path, f)) for f in (SAFETENSORS_INDEX, SAFETENSORS_FILE))
     if not has_safetensors and allow_pickle and any(os.path.exists(os.path.join(path, f)) for f in PICKLE_FILES):
         return  # pickle weights are only readable whole: checked when loaded
     reader = SafetensorsReader(path, allow_pickle=False)  # no safetensors: the error says what is there
     try:
-        available = reader.names()
-        for tmap in tensor_maps(config).values():
-            _require(path, available, _hf_names(tmap, config))
+        _check_layout(reader, abstract_state, config)
     finally:
         reader.close()
 
@@ -276,33 +306,19 @@ def load_params(
     """Loads Hugging Face weights into a pure state shaped like `abstract_state`."""
     reader = SafetensorsReader(path, allow_pickle=allow_pickle)
     maps = tensor_maps(config)
-    available = reader.names()
-    used: set[str] = set()
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     leaves = {}
     try:
+        used = _check_layout(reader, abstract_state, config)
         for param_path, leaf in _param_leaves(abstract_state):
-            tmap = maps.get(param_path)
-            if tmap is None:
-                raise RuntimeError(f"no Hugging Face name for parameter {'/'.join(param_path)}")
-            names = _hf_names(tmap, config)
-            _require(reader.path, available, names)
-            used.update(names)
             sharding = sharding_fn(param_path, leaf.shape) if sharding_fn else default
             leaves[param_path] = _assemble(
-                reader, tmap, leaf.shape, leaf.dtype, sharding, config.num_hidden_layers
+                reader, maps[param_path], leaf.shape, leaf.dtype, sharding, config.num_hidden_layers
             )
-        if config.tie_word_embeddings and HEAD in available:
+        if HEAD in used and config.tie_word_embeddings:
             _check_tied_head(reader)
-            used.add(HEAD)
     finally:
         reader.close()
-    unexpected = sorted(n for n in available - used if not n.endswith(_IGNORED_SUFFIXES))
-    if unexpected:
-        raise UserError(
-            f"{reader.path}: the checkpoint has tensors this Llama does not use, e.g. {unexpected[0]} "
-            f"({len(unexpected)} in all); is config.json right for these weights?"
-        )
     return _rebuild(abstract_state, leaves)
 
 
