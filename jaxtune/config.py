@@ -291,6 +291,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not m.hf_path:
         raise UserError("model.hf_path must name a local Hugging Face Llama directory.")
     _choice(m.param_dtype, DTYPES, "model.param_dtype")
+    if m.param_dtype == "float16":  # Adam's state lives in the parameter dtype
+        raise UserError(
+            "model.param_dtype=float16 cannot hold Adam's state (eps 1e-8 rounds to 0 and squared gradients "
+            "underflow, so the first update is inf/NaN); use float32 (or bfloat16) parameters with "
+            "model.compute_dtype=float16."
+        )
     _choice(m.compute_dtype, DTYPES, "model.compute_dtype")
     _choice(m.remat, ("none", "full", "dots", "dots_no_batch"), "model.remat")
     if m.loss_chunk_len < 0 or (m.loss_chunk_len and d.max_seq_len % m.loss_chunk_len):

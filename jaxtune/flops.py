@@ -21,6 +21,7 @@ from jaxtune.models.llama import LlamaConfig
 # (e.g. "NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "TPU v5 lite"). The first name that
 # appears as a whole word wins, so the variants come before their family's name.
 PEAK_BF16 = (
+    ("GH200", 989e12),  # Grace Hopper: an H100/H200-class GPU
     ("H200", 989e12),
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),
@@ -30,9 +31,12 @@ PEAK_BF16 = (
     ("L40", 181e12),
     ("L4", 121e12),
     ("A10G", 70e12),
+    ("TPU v6e", 918e12),
     ("TPU v6", 918e12),  # v6e ("TPU v6 lite")
     ("TPU v5p", 459e12),
+    ("TPU v5e", 197e12),
     ("TPU v5", 197e12),  # v5e ("TPU v5 lite")
+    ("TPU v4 lite", 138e12),  # v4i, the inference chip
     ("TPU v4", 275e12),
 )
 

@@ -32,6 +32,7 @@ from run_helpers import ROOT, make_config, read_metrics, run_py, write_recipe
         (["--config.data.max_seq_len=None"], "data.max_seq_len must be an integer, got None"),
         (["--config.data.eval_fraction=None"], "data.eval_fraction must be a number, got None"),
         (["--config.data.train_files=['a.jsonl', 1]"], "data.train_files must be a list of paths (strings)"),
+        (["--config.model.param_dtype=float16"], "model.param_dtype=float16 cannot hold Adam's state"),
         (["--config.optimizer.schedule=constant", "--config.optimizer.min_lr_ratio=0.1"],
          "optimizer.min_lr_ratio has no effect with optimizer.schedule=constant"),
     ],
@@ -205,6 +206,7 @@ def test_without_a_peak_mfu_is_null_on_cpu(tiny):
     ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12),
     ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12), ("TPU v5 lite", 197e12), ("TPU v5p", 459e12),
     ("TPU v6 lite", 918e12), ("TPU v4", 275e12), ("cpu", None), ("NVIDIA GeForce RTX 4090", None),
+    ("TPU v5e", 197e12), ("TPU v6e", 918e12), ("TPU v4 lite", 138e12), ("NVIDIA GH200 480GB", 989e12),
 ])
 def test_peak_is_the_data_sheet_figure_of_that_exact_device(kind, peak):
     from jaxtune.flops import peak_for_device_kind
