@@ -4,6 +4,7 @@ import json
 import os
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -31,6 +32,46 @@ def test_round_trip_through_transformers(tmp_path):
     reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
     ids = np.random.RandomState(0).randint(0, 128, (2, 64))
     assert_close_scaled(model(jnp.asarray(ids)), torch_logits(reloaded, ids))
+
+
+def test_saving_over_earlier_weights_is_refused_unless_overwrite(tmp_path):
+    """An earlier sharded save left in place would be read by jaxtune (it prefers the index)
+    while transformers reads the new model.safetensors: two different models, no warning."""
+    make_hf_llama(tmp_path / "src", num_key_value_heads=2)
+    model = jaxtune.from_pretrained(tmp_path / "src")
+    state = nnx.as_pure(nnx.split(model)[1])
+    out = tmp_path / "out"
+    jaxtune.save_pretrained(state, model.config, out, max_shard_bytes=50_000)
+    assert len([n for n in os.listdir(out) if n.endswith(".safetensors")]) > 2
+    tuned = jax.tree.map(lambda x: x * 1.1, state)
+    with pytest.raises(UserError, match=r"out already holds weights \(model-00001-of-.*overwrite=True"):
+        jaxtune.save_pretrained(tuned, model.config, out)
+    jaxtune.save_pretrained(tuned, model.config, out, overwrite=True)
+    assert sorted(n for n in os.listdir(out) if "safetensors" in n) == ["model.safetensors"]
+    ids = np.random.RandomState(0).randint(0, 128, (2, 24))
+    ours = jaxtune.from_pretrained(out)(jnp.asarray(ids))
+    theirs = torch_logits(transformers.LlamaForCausalLM.from_pretrained(out).eval(), ids)
+    assert_close_scaled(ours, theirs)
+    assert not np.allclose(np.asarray(ours), np.asarray(model(jnp.asarray(ids))), atol=1e-3)  # the new weights
+
+
+def test_save_pretrained_mistakes_are_one_clear_error(tmp_path):
+    make_hf_llama(tmp_path / "src", num_key_value_heads=2)
+    model = jaxtune.from_pretrained(tmp_path / "src")
+    state = nnx.as_pure(nnx.split(model)[1])
+    with pytest.raises(UserError, match="dtype must be one of float32, bfloat16, float16, got 'bf16'"):
+        jaxtune.save_pretrained(state, model.config, tmp_path / "a", dtype="bf16")
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="exists and is not a directory"):
+        jaxtune.save_pretrained(state, model.config, tmp_path / "file")
+    with pytest.raises(UserError, match="needs a jaxtune LlamaConfig"):
+        jaxtune.save_pretrained(state, str(tmp_path / "src"), tmp_path / "b")
+    other = LlamaConfig.from_hf_dict({**model.config.to_hf_dict(), "num_key_value_heads": 4})
+    with pytest.raises(UserError, match="params and config are from different models"):
+        jaxtune.save_pretrained(state, other, tmp_path / "c")
+    jaxtune.save_pretrained(model, model.config, tmp_path / "d")  # the model itself is accepted too
+    assert os.path.isfile(tmp_path / "d" / "model.safetensors")
 
 
 def test_bf16_checkpoint_loads_into_fp32_master_weights(tmp_path):
@@ -104,3 +145,9 @@ def test_unreadable_checkpoint_files_are_user_errors(tmp_path, shards, damage, f
     damage(path)
     with pytest.raises(UserError, match=f"^{re.escape(str(path))}: cannot read the .* file \\(.+\\)\\.$"):
         jaxtune.from_pretrained(tmp_path)
+
+
+def test_a_config_without_eos_writes_none_not_an_empty_list():
+    config = LlamaConfig.from_hf_dict({**TINY, "eos_token_id": None})
+    assert config.eos_token_id == () and config.to_hf_dict()["eos_token_id"] is None
+    assert LlamaConfig.from_hf_dict(config.to_hf_dict()).eos_token_id == ()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Callable, Iterator
 
@@ -356,7 +357,7 @@ def iter_hf_tensors(params, config: LlamaConfig, dtype=None) -> Iterator[tuple[s
         tmap = maps[param_path]
         full = np.asarray(jax.device_get(leaf))
         if dtype is not None:
-            full = full.astype(dtype)
+            full = full.astype(dtype, copy=False)
         if tmap.stacked:
             for layer in range(full.shape[0]):
                 yield tmap.hf_name.format(layer=layer), np.ascontiguousarray(tmap.to_hf(full[layer]))
@@ -364,31 +365,92 @@ def iter_hf_tensors(params, config: LlamaConfig, dtype=None) -> Iterator[tuple[s
             yield tmap.hf_name, np.ascontiguousarray(tmap.to_hf(full))
 
 
+_SAVE_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def _weight_files(out_dir: str) -> list[str]:
+    """Weight files a loader could pick up (transformers prefers model.safetensors, jaxtune the
+    index): any of them left from an earlier save would be read instead of, or with, ours."""
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    return sorted(n for n in names if n.endswith(".safetensors") or n == SAFETENSORS_INDEX
+                  or n.startswith("pytorch_model") and n.endswith((".bin", ".bin.index.json")))
+
+
+def _hf_sizes(params, config: LlamaConfig, itemsize: int) -> list[tuple[str, int]]:
+    """(HF name, bytes) of every tensor `iter_hf_tensors` yields, in its order, from shapes alone."""
+    maps = tensor_maps(config)
+    out = []
+    for param_path, leaf in _param_leaves(params):
+        tmap = maps[param_path]
+        per = math.prod(leaf.shape[1:] if tmap.stacked else leaf.shape) * itemsize
+        out += [(name, per) for name in _hf_names(tmap, config)]
+    return out
+
+
+def _check_params_fit(params, config: LlamaConfig) -> None:
+    if not isinstance(config, LlamaConfig):
+        raise UserError(f"save_pretrained needs a jaxtune LlamaConfig (model.config), got {type(config).__name__}.")
+    _, abstract = abstract_model(config)
+    expected = {path: leaf.shape for path, leaf in _param_leaves(abstract)}
+    try:
+        given = {path: tuple(leaf.shape) for path, leaf in _param_leaves(params)}
+    except AttributeError:
+        raise UserError("save_pretrained needs the parameter state (nnx.state(model)), not "
+                        f"{type(params).__name__}.") from None
+    for path in sorted(set(expected) | set(given)):
+        if expected.get(path) != given.get(path):
+            raise UserError(f"parameter {'/'.join(path)} is {given.get(path)} but this config implies "
+                            f"{expected.get(path)}: params and config are from different models.")
+
+
 def save_pretrained(
     params, config: LlamaConfig, out_dir: str | os.PathLike, dtype: str = "float32",
-    max_shard_bytes: int = 5 * 2**30,
+    max_shard_bytes: int = 5 * 2**30, overwrite: bool = False,
 ) -> None:
-    """Writes `config.json` and safetensors (sharded with an index past `max_shard_bytes`)."""
+    """Writes `config.json` and safetensors (sharded with an index past `max_shard_bytes`).
+
+    A directory that already holds weights is refused unless `overwrite`, which deletes them
+    first. Shards are planned from the shapes and each is written as soon as it is full, so
+    host memory holds about one shard, not the model.
+    """
+    out_dir = os.fspath(out_dir)
+    if dtype not in _SAVE_DTYPES:
+        raise UserError(f"save_pretrained: dtype must be one of {', '.join(_SAVE_DTYPES)}, got {dtype!r}.")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"{out_dir} exists and is not a directory.")
+    if isinstance(params, nnx.Module):
+        params = nnx.state(params)
+    _check_params_fit(params, config)
+    old = _weight_files(out_dir)
+    if old and not overwrite:
+        raise UserError(f"{out_dir} already holds weights ({', '.join(old[:3])}{', ...' if len(old) > 3 else ''}); "
+                        "choose another directory or pass overwrite=True to replace them.")
     os.makedirs(out_dir, exist_ok=True)
-    np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for name, tensor in iter_hf_tensors(params, config, np_dtype):
-        if size and size + tensor.nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += tensor.nbytes
+    for name in old:
+        os.remove(os.path.join(out_dir, name))
+
+    np_dtype = _SAVE_DTYPES[dtype]
+    shard_of, count, size = {}, 0, 0
+    for name, nbytes in _hf_sizes(params, config, np.dtype(np_dtype).itemsize):
+        if count == 0 or (size and size + nbytes > max_shard_bytes):
+            count, size = count + 1, 0
+        shard_of[name] = count
+        size += nbytes
+
+    def file_name(i: int) -> str:
+        return SAFETENSORS_FILE if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
+
     metadata = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(out_dir, SAFETENSORS_FILE), metadata=metadata)
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(out_dir, file), metadata=metadata)
-            weight_map.update({name: file for name in shard})
-        total = sum(t.nbytes for s in shards for t in s.values())
+    current, index, total = {}, 1, 0
+    for name, tensor in iter_hf_tensors(params, config, np_dtype):
+        if shard_of[name] != index:
+            save_file(current, os.path.join(out_dir, file_name(index)), metadata=metadata)
+            current, index = {}, shard_of[name]
+        current[name] = tensor
+        total += tensor.nbytes
+    save_file(current, os.path.join(out_dir, file_name(index)), metadata=metadata)
+    if count > 1:
+        weight_map = {name: file_name(i) for name, i in shard_of.items()}
         with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     hf_config = dict(config.to_hf_dict(), dtype=dtype)

@@ -174,7 +174,7 @@ class LlamaConfig:
             s = {k: v for k, v in dataclasses.asdict(self.rope_scaling).items() if v is not None}
             rope.update(s)
             legacy_scaling = dict(s)
-        eos = self.eos_token_id[0] if len(self.eos_token_id) == 1 else list(self.eos_token_id)
+        eos = (self.eos_token_id[0] if len(self.eos_token_id) == 1 else list(self.eos_token_id)) or None
         return {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
