@@ -24,6 +24,7 @@ from jaxtune.errors import UserError
 
 ENV_VAR = "JAXTUNE_HOST_MALLOC"
 TUNABLE = "glibc.malloc.hugetlb=1"
+RESTARTED = "JAXTUNE_HOST_MALLOC_RESTARTED"  # set in the restarted process
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -66,9 +67,11 @@ def reexec_with_huge_pages() -> None:
     finds the tunable set); otherwise it does not return.
     """
     tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" in tunables or not huge_pages_would_help():
-        return
-    env = dict(os.environ, GLIBC_TUNABLES=":".join(t for t in (tunables, TUNABLE) if t))
+    if "glibc.malloc.hugetlb" in tunables or os.environ.get(RESTARTED) or not huge_pages_would_help():
+        return  # RESTARTED: glibc may erase GLIBC_TUNABLES (secure-exec), which must not mean a loop
+    if sys.argv[0] in ("", "-") or sys.flags.interactive:
+        return  # a script read from stdin or a REPL cannot be run again
+    env = dict(os.environ, GLIBC_TUNABLES=":".join(t for t in (tunables, TUNABLE) if t), **{RESTARTED: "1"})
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

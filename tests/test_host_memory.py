@@ -58,3 +58,25 @@ def test_unknown_setting_is_one_line_and_exit_2():
     assert proc.returncode == 2
     assert "JAXTUNE_HOST_MALLOC must be 'huge' or 'system'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("case", ["restarted_before", "stdin_script", "repl"])
+def test_no_restart_where_it_could_loop_or_lose_the_script(case, monkeypatch):
+    """glibc erases GLIBC_TUNABLES for secure-exec programs, so the restarted process must know
+    it was restarted from a variable of ours; a script read from stdin or a REPL cannot rerun."""
+    monkeypatch.setattr(host_memory, "huge_pages_would_help", lambda: True)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv(host_memory.RESTARTED, raising=False)
+    calls = []
+    monkeypatch.setattr(host_memory.os, "execve", lambda *a: calls.append(a))
+    host_memory.reexec_with_huge_pages()
+    assert len(calls) == 1 and calls[0][2][host_memory.RESTARTED] == "1"  # the usual case restarts
+    calls.clear()
+    if case == "restarted_before":
+        monkeypatch.setenv(host_memory.RESTARTED, "1")
+    elif case == "stdin_script":
+        monkeypatch.setattr(host_memory.sys, "argv", ["-"])
+    else:
+        monkeypatch.setattr(host_memory.sys, "flags", type("Flags", (), {"interactive": 1})())
+    host_memory.reexec_with_huge_pages()
+    assert calls == []
