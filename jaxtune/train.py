@@ -30,7 +30,7 @@ from jaxtune.logging import RunLogger
 from jaxtune.models.hf_io import abstract_model, check_checkpoint, load_params
 from jaxtune.models.llama import LlamaConfig
 from jaxtune.optim import OptimizerSettings, build_optimizer, lr_schedule, num_warmup_steps
-from jaxtune.preemption import StopRequest
+from jaxtune.preemption import ExitOnSignal, StopRequest
 from jaxtune.state import DataOrder, IntervalState, LoopState, TrainState
 from jaxtune.steps import (
     StepSettings, fetch_metrics, make_eval_step, make_train_step, state_shardings, to_global_batch,
@@ -115,7 +115,8 @@ def run(config, *, should_stop: Callable[[int], bool] | None = None) -> RunResul
     """Trains as `config` says. `should_stop(step)` is checked after each step like a SIGTERM."""
     validate(config)
     distributed.init()
-    loop = _Loop(config, should_stop)
+    with ExitOnSignal():  # data, weights, compilation: nothing to save yet
+        loop = _Loop(config, should_stop)
     with StopRequest() as stop:
         loop.stop_request = stop
         return loop.train()

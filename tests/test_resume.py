@@ -113,6 +113,34 @@ def _start(recipe):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
 
+SIGNAL_DURING_SETUP = """
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+import jaxtune.data
+import jaxtune.train
+from jaxtune.config import load_recipe
+
+def prepare(*args, **kwargs):  # the user presses Ctrl-C while the data is being prepared
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(30)
+    raise SystemExit("the signal was ignored")
+
+jaxtune.data.prepare_datasets = prepare
+jaxtune.train.run(load_recipe({recipe!r}))
+"""
+
+
+def test_ctrl_c_before_training_starts_exits_at_once(reference, tmp_path):
+    overrides, _ = reference
+    recipe = write_recipe(tmp_path / "recipe.py", overrides(tmp_path / "run"))
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_DURING_SETUP.format(root=ROOT, recipe=recipe)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr
+    assert "SIGINT received before training started: exiting" in proc.stderr
+    assert time.time() - start < 25  # not after the 30 s sleep
+
+
 @pytest.mark.slow
 def test_sigterm_saves_and_the_same_command_continues(reference, tmp_path):
     overrides, ref = reference
