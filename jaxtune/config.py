@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import math
 import os
 import re
 from typing import Callable, Sequence
@@ -199,7 +200,8 @@ def parse_args(argv: Sequence[str], default_config: str) -> ml_collections.Confi
     while i < len(args):
         arg = args[i]
         if arg in ("-h", "--help"):
-            raise SystemExit(_usage())
+            print(_usage())
+            raise SystemExit(0)
         if not arg.startswith("--config"):
             raise UserError(f"unexpected argument {arg!r}; use --config PATH and --config.KEY=VALUE.")
         name, eq, value = arg[2:].partition("=")
@@ -218,6 +220,7 @@ def parse_args(argv: Sequence[str], default_config: str) -> ml_collections.Confi
     config = load_recipe(recipe)
     for key, value in overrides:
         apply_override(config, key, value)
+    expand_user_paths(config)
     validate(config)
     return config
 
@@ -253,7 +256,7 @@ def _kind(default) -> tuple[str, Callable[[object], bool]]:
     if isinstance(default, int):
         return "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)
     if isinstance(default, float):
-        return "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+        return "a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     if isinstance(default, str):
         return "a string", lambda v: isinstance(v, str)
     if isinstance(default, tuple):
@@ -278,6 +281,20 @@ def _check_types(config: ml_collections.ConfigDict, reference: ml_collections.Co
             words, ok = _kind(default)
             if not ok(value):
                 raise UserError(f"{name} must be {words}, got {value!r}.")
+
+
+PATH_KEYS = ("workdir", "model.hf_path", "data.tokenizer_path", "data.cache_dir")
+
+
+def expand_user_paths(config: ml_collections.ConfigDict) -> None:
+    """`~` in the directory keys, as the data file lists already allow (readers expand it)."""
+    for key in PATH_KEYS:
+        *parents, last = key.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        if isinstance(node[last], str) and node[last].startswith("~"):
+            node[last] = os.path.expanduser(node[last])
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

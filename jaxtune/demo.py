@@ -134,7 +134,11 @@ def ensure_demo_model(out_dir: str, data_dir: str) -> str:
     try:
         build_model_dir(tmp, data_dir)
         os.chmod(tmp, 0o755)
-        os.replace(tmp, out_dir)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:  # another process (a second command, another host) finished first
+            if not os.path.isfile(os.path.join(out_dir, "config.json")):
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

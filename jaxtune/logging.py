@@ -116,7 +116,7 @@ def plot_curves(history: list[dict], out: str) -> None:
     evals = [(r["step"], r["eval_loss"]) for r in history if r.get("eval_loss") is not None]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
-        ax.plot(*zip(*train), label="train loss")
+        ax.plot(*zip(*train), marker="." if len(train) < 2 else None, label="train loss")  # one point: no line
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")
     ax.set_xlabel("step")

@@ -22,7 +22,7 @@ from flax import nnx
 
 from jaxtune import distributed, sharding
 from jaxtune.checkpoint import Checkpointer
-from jaxtune.config import has_eval_data, metric_greater_is_better, validate
+from jaxtune.config import expand_user_paths, has_eval_data, metric_greater_is_better, validate
 from jaxtune.errors import UserError
 from jaxtune.evaluate import EvalResult, evaluate
 from jaxtune.flops import flops_per_token, peak_flops_per_device
@@ -73,6 +73,16 @@ def _previous_outputs(workdir: str) -> list[str]:
     return [n for n in RUN_OUTPUTS if os.path.exists(os.path.join(workdir, n))]
 
 
+def _writable_directory(path: str, what: str) -> None:
+    """Created now, so that a path that cannot be written fails in one line before any data work."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{what} {path} cannot be created: {e.strerror}.") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"{what} {path} is not writable.")
+
+
 def _check_workdir(config) -> bool:
     """Applies train.resume; True when there is a checkpoint to resume from.
 
@@ -81,6 +91,7 @@ def _check_workdir(config) -> bool:
     the weights have loaded.
     """
     workdir = config.workdir
+    _writable_directory(workdir, "workdir")
     ckpt_dir = os.path.join(workdir, "checkpoints")
     has_ckpt = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
     if config.train.resume == "auto":
@@ -113,6 +124,7 @@ def _resolved_config(config, mesh_sizes, settings) -> dict:
 
 def run(config, *, should_stop: Callable[[int], bool] | None = None) -> RunResult:
     """Trains as `config` says. `should_stop(step)` is checked after each step like a SIGTERM."""
+    expand_user_paths(config)
     validate(config)
     distributed.init()
     with ExitOnSignal():  # data, weights, compilation: nothing to save yet
@@ -155,6 +167,8 @@ class _Loop:
 
         # Data: validated and tokenized before any weight is loaded.
         self.data_settings = DataSettings.from_config(c)
+        if self.data_settings.cache_dir:
+            _writable_directory(self.data_settings.cache_dir, "data.cache_dir")
         tokenizer = load_tokenizer(self.data_settings.tokenizer_path)
         log = print if distributed.is_main() else (lambda *a, **k: None)
         data = prepare_datasets(self.data_settings, tokenizer, process_index=jax.process_index(),

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -30,8 +31,9 @@ from run_helpers import ROOT, make_config, read_metrics, run_py, write_recipe
         (["positional"], "unexpected argument 'positional'"),
         (["--config", "README.md"], "config file README.md is not a Python recipe"),
         (["--config.data.max_seq_len=None"], "data.max_seq_len must be an integer, got None"),
-        (["--config.data.eval_fraction=None"], "data.eval_fraction must be a number, got None"),
+        (["--config.data.eval_fraction=None"], "data.eval_fraction must be a finite number, got None"),
         (["--config.data.train_files=['a.jsonl', 1]"], "data.train_files must be a list of paths (strings)"),
+        (["--config.train.num_epochs=1e400"], "train.num_epochs must be a finite number, got inf"),
         (["--config.model.param_dtype=float16"], "model.param_dtype=float16 cannot hold Adam's state"),
         (["--config.optimizer.schedule=constant", "--config.optimizer.min_lr_ratio=0.1"],
          "optimizer.min_lr_ratio has no effect with optimizer.schedule=constant"),
@@ -72,7 +74,7 @@ def _recipe(tmp_path, *lines) -> str:
     "line, message",
     [
         ("c.data.train_files = (pathlib.Path('train.jsonl'),)", "data.train_files must be a list of paths (strings)"),
-        ("c.data.eval_fraction = None", "data.eval_fraction must be a number, got None"),
+        ("c.data.eval_fraction = None", "data.eval_fraction must be a finite number, got None"),
         ("c.train.seed = True", "train.seed must be an integer, got True"),
     ],
 )
@@ -96,8 +98,40 @@ def test_a_workdir_that_is_a_file_is_refused(tiny, tmp_path):
         validate(make_config(tiny(workdir=str(path))))
 
 
+def test_a_workdir_that_cannot_be_created_fails_before_the_data_is_read(tiny, capsys):
+    with pytest.raises(UserError, match="workdir /proc/jaxtune cannot be created"):
+        run(make_config(tiny(workdir="/proc/jaxtune")))
+    assert "data:" not in capsys.readouterr().out
+
+
+def test_a_home_relative_workdir_and_model_path_are_expanded(tiny, run_assets, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    model = tmp_path / "models" / "tiny"
+    shutil.copytree(run_assets.model, model)
+    result = run(make_config(tiny(workdir="~/runs/x", model__hf_path="~/models/tiny", train__max_steps=1,
+                                  train__eval_every=0)))
+    assert result.workdir == str(tmp_path / "runs" / "x")
+    assert json.load(open(tmp_path / "runs" / "x" / "config.json"))["model"]["hf_path"] == str(model)
+
+
+def test_help_is_usage_on_stdout_and_exit_0():
+    result = run_py("--help", timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith("usage: python run.py") and not result.stderr
+
+
+def test_curves_show_a_single_train_point(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from jaxtune.logging import plot_curves
+
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    plot_curves([{"step": 1, "loss": 6.0}], str(tmp_path / "curves.png"))
+    (line,) = figures[0].axes[0].lines
+    assert line.get_marker() not in (None, "None", "")  # a lone point has no line to draw
+
+
 def test_a_model_directory_without_usable_weights_fails_before_the_workdir_is_touched(tiny, tmp_path):
-    import shutil
 
     from safetensors.numpy import load_file, save_file
 
@@ -133,8 +167,6 @@ def test_a_model_directory_without_usable_weights_fails_before_the_workdir_is_to
 def test_token_ids_beyond_the_models_vocabulary_are_refused(tiny, tmp_path):
     """A tokenizer with more tokens than the model has embeddings: every step used to be
     skipped as non-finite, with no word on why."""
-    import shutil
-
     from helpers import make_hf_llama
 
     demo = tiny()["model.hf_path"]
@@ -244,6 +276,26 @@ def test_demo_learns(tmp_path):
     assert len(evals) == 3
     assert evals[-1]["eval_loss"] < 0.85 * evals[0]["eval_loss"]
     assert os.path.isdir(os.path.join(ROOT, "demo_assets", "model"))
+
+
+def test_the_demo_model_built_by_two_processes_at_once(tmp_path, monkeypatch):
+    """Two commands on a fresh clone (or one per host) build it together: the one that
+    finishes second finds the directory there and uses it, instead of failing on the rename."""
+    import jaxtune.demo
+
+    out = tmp_path / "model"
+
+    def build(tmp, data_dir, seed=0):
+        for directory in (tmp, out):  # the other process renames its copy into place meanwhile
+            os.makedirs(directory, exist_ok=True)
+            for name in ("config.json", "model.safetensors"):
+                with open(os.path.join(directory, name), "w") as f:
+                    f.write(str(directory))
+
+    monkeypatch.setattr(jaxtune.demo, "build_model_dir", build)
+    assert jaxtune.demo.ensure_demo_model(str(out), "unused") == str(out)
+    assert (out / "config.json").read_text() == str(out)  # the winner's copy
+    assert sorted(os.listdir(tmp_path)) == ["model"]  # no temporary directory left
 
 
 def test_shipped_recipes_validate():
