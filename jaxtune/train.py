@@ -167,8 +167,6 @@ class _Loop:
 
         # Data: validated and tokenized before any weight is loaded.
         self.data_settings = DataSettings.from_config(c)
-        if self.data_settings.cache_dir:
-            _writable_directory(self.data_settings.cache_dir, "data.cache_dir")
         tokenizer = load_tokenizer(self.data_settings.tokenizer_path)
         log = print if distributed.is_main() else (lambda *a, **k: None)
         data = prepare_datasets(self.data_settings, tokenizer, process_index=jax.process_index(),

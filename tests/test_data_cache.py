@@ -83,6 +83,17 @@ def test_no_cache_dir_writes_nothing(tmp_path, llama3_dir):
     assert "cache" not in log and sorted(os.listdir(tmp_path)) == before
 
 
+def test_a_cache_that_cannot_be_written_is_a_warning(tmp_path, llama3_dir):
+    """A read-only or unusable cache directory (a shared cache, a full disk) costs the next run
+    its tokenizing, not this run: the data is used, with a warning."""
+    data = write_jsonl(tmp_path / "d.jsonl", CHATS)
+    (tmp_path / "a_file").write_text("")
+    uncached, log = prepare(settings(data, llama3_dir, cache_dir=str(tmp_path / "a_file" / "cache")), llama3_dir)
+    assert "warning: could not write the data cache" in log and "continuing without it" in log
+    reference, _ = prepare(settings(data, llama3_dir, cache_dir=""), llama3_dir)
+    assert uncached.train.equals(reference.train)
+
+
 @pytest.mark.parametrize("damage", ["zero_length", "half", "garbage"])
 def test_an_entry_damaged_in_any_way_is_rebuilt(tmp_path, llama3_dir, damage):
     data = write_jsonl(tmp_path / "d.jsonl", CHATS)

@@ -106,8 +106,12 @@ def prepare_datasets(
             raise UserError(_all_dropped("eval", report.eval, settings, process_count))
 
     if settings.cache_dir:
-        path = cache.save(settings.cache_dir, key, key_inputs, train_rows, eval_rows, report.to_json())
-        log(f"data: cached in {path}")
+        try:
+            path = cache.save(settings.cache_dir, key, key_inputs, train_rows, eval_rows, report.to_json())
+            log(f"data: cached in {path}")
+        except OSError as e:  # a read-only or full cache (e.g. a shared one) costs the next run time, not this one
+            log(f"warning: could not write the data cache in {settings.cache_dir} ({e.strerror or e}); "
+                "continuing without it")
     return PreparedData(train_rows, eval_rows, report)
 
 
