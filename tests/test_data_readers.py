@@ -153,3 +153,15 @@ def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path):
     path.write_text("instruction,output,output\nsay hello,hello,bye\n")
     with pytest.raises(UserError, match=r"t.csv:1: the header names column\(s\) output more than once"):
         list(SourceFile(str(path), "csv").records())
+
+
+@pytest.mark.parametrize("suffix, encoding", [(".jsonl", "utf-16"), (".json", "utf-16"), (".jsonl", "utf-32")])
+def test_utf16_and_utf32_json_are_refused_as_a_whole(tmp_path, suffix, encoding):
+    """json.loads guessed the encoding per line: a UTF-16 JSONL lost its first record under
+    on_bad_record=skip, and a UTF-16 array was 'a list, expected a JSON object'."""
+    path = tmp_path / f"t{suffix}"
+    records = [{"text": f"hello {i}"} for i in range(3)]
+    body = json.dumps(records) if suffix == ".json" else "\n".join(json.dumps(r) for r in records) + "\n"
+    path.write_bytes(body.encode(encoding))  # Python writes the byte order mark
+    with pytest.raises(UserError, match="is UTF-16 or UTF-32 text; save it as UTF-8"):
+        list(SourceFile(str(path), suffix[1:]).records())

@@ -121,14 +121,26 @@ def _open_text(path: str):
     return open(path, encoding="utf-8-sig", newline="")
 
 
+_UTF16_32_BOMS = (b"\xff\xfe", b"\xfe\xff")  # UTF-32 LE starts like UTF-16 LE
+
+
+def _refuse_utf16_32(path: str, head: bytes) -> None:
+    """json.loads guesses UTF-16/32 from bytes, which half-reads such a file line by line."""
+    if head.startswith(_UTF16_32_BOMS) or head.startswith(b"\x00\x00\xfe\xff"):
+        raise UserError(f"{path} is UTF-16 or UTF-32 text; save it as UTF-8.")
+
+
 def _read_jsonl(path: str) -> Iterator[Record | BadRecord]:
     with open(path, "rb") as f:
+        _refuse_utf16_32(path, f.read(4))
+        f.seek(0)
         for number, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
             location = Location(path, line=number)
             try:
-                yield Record(location, json.loads(raw))
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                yield Record(location, json.loads(text))
             except UnicodeDecodeError:
                 yield BadRecord(location, "the line is not valid UTF-8 text")
             except json.JSONDecodeError as e:
@@ -138,7 +150,9 @@ def _read_jsonl(path: str) -> Iterator[Record | BadRecord]:
 def _read_json(path: str) -> Iterator[Record | BadRecord]:
     """A JSON array of records; a `.json` file that is not an array is read as JSON lines."""
     with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
+        head = f.read(4096)
+    _refuse_utf16_32(path, head)
+    head = head.lstrip()
     if head.startswith(b"\xef\xbb\xbf"):
         head = head[3:].lstrip()
     if not head.startswith(b"["):
