@@ -115,6 +115,7 @@ def test_config_recipe_and_flag_overrides(tmp_path, plain_dir):
         f"    c.model.hf_path = {plain_dir!r}\n"
         f"    c.data.train_files = ({data!r},)\n"
         "    c.data.max_seq_len = 64\n"
+        "    c.data.eval_fraction = 0.0\n"
         "    return c\n"
     )
     out = tmp_path / "r.json"
@@ -166,15 +167,16 @@ def test_token_ids_beyond_the_models_vocabulary_are_errors(tmp_path, plain_dir):
     model_dir = tmp_path / "model"
     shutil.copytree(plain_dir, model_dir)
     _, samples = check(settings((data,), tokenizer_path=str(model_dir)), load_tokenizer(str(model_dir)))
-    largest = sorted(max(s.ids) for s in samples)
+    largest = sorted(max(s.ids) for s, _ in samples)
     vocab = largest[6]  # the samples whose largest id is >= this have no embedding for it
     beyond = sum(m >= vocab for m in largest)
     assert 0 < beyond < len(largest)
     (model_dir / "config.json").write_text(json.dumps({"vocab_size": int(vocab)}))
     out = tmp_path / "r.json"
     assert check_data.main(["--data", data, "--tokenizer", str(model_dir), "--out", str(out)]) == 1
-    found = {f["kind"]: f for f in json.loads(out.read_text())["findings"]}
-    assert found["train_token_ids_beyond_vocabulary"]["count"] == beyond
+    found = {f["kind"]: f for f in json.loads(out.read_text())["findings"]}  # defaults hold 5% out as eval
+    assert sum(found[f"{split}_token_ids_beyond_vocabulary"]["count"] for split in ("train", "eval")
+               if f"{split}_token_ids_beyond_vocabulary" in found) == beyond
     (model_dir / "config.json").write_text(json.dumps({"vocab_size": int(largest[-1]) + 1}))
     assert check_data.main(["--data", data, "--tokenizer", str(model_dir), "--out", str(out)]) == 0
 
@@ -201,5 +203,23 @@ def test_the_check_ends_turns_where_the_model_directory_says(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"messages": [
         {"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]}])
     s = settings((data,), tokenizer_path=str(tmp_path / "tok"), model_path=str(tmp_path / "model"))
-    _, (sample,) = check(s, tok)
+    _, ((sample, _),) = check(s, tok)
     assert tok.decode(sample.ids[sample.mask]) == "world<|eot_id|>"  # no <|end_of_text|> appended
+
+
+def test_the_check_holds_out_eval_and_shows_samples_as_training_will(tmp_path, plain_dir, capsys):
+    """Without eval files, training trains on 1 - eval_fraction of the records and truncates or
+    drops long ones: the check's counts and --show must describe that, not the raw records."""
+    records = [{"prompt": f"p{i} " + " ".join(WORDS[:3]), "completion": " ".join(WORDS[i:i + 4])} for i in range(20)]
+    records[0]["completion"] = " ".join(WORDS[:60])  # longer than max_seq_len: truncated
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    s = settings((data,), tokenizer_path=plain_dir, max_seq_len=32, eval_fraction=0.25, seed=3)
+    report, shown = check(s, load_tokenizer(plain_dir))
+    prepared = prepare_datasets(s, load_tokenizer(plain_dir))
+    assert (report.train.records, report.eval.records) == (prepared.report.train.records, prepared.report.eval.records)
+    assert (report.train.packed_rows, report.eval.packed_rows) == (len(prepared.train), len(prepared.eval))
+    assert report.eval_source.startswith("held out of train") and "eval: held out of train" in report.summary()
+    notes = {str(sample.location): note for sample, note in shown}
+    assert len(shown) == report.train.records
+    assert notes[f"{data}:1"].startswith("truncated from")  # seed 3 keeps the long record in train
+    assert sum(note == "" for note in notes.values()) == len(notes) - 1

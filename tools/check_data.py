@@ -103,10 +103,10 @@ def main(argv=None) -> int:
     vocab_size = model_vocab_size(settings.model_path)
     report, samples = check_data(settings, tokenizer, ngram=args.ngram, vocab_size=vocab_size)
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-    for sample in samples[: args.show]:
+    for sample, note in samples[: args.show]:
         trained = sample.num_trained
         print(f"--- {sample.location} ({len(sample.ids)} tokens, {trained} trained"
-              f"{', marked in green' if color else ', marked [[like this]]'}) ---")
+              f"{', ' + note if note else ''}{', marked in green' if color else ', marked [[like this]]'}) ---")
         print(render_sample(tokenizer, sample, color=color))
         print()
     print(report.summary())

@@ -99,6 +99,7 @@ class QualityReport:
     eval: SplitQuality | None
     overlap: Overlap | None
     findings: list[Finding]
+    eval_source: str = "files"  # "files", "held out of train (...)" or "none"
 
     @property
     def errors(self) -> list[Finding]:
@@ -123,9 +124,11 @@ class QualityReport:
             t = q.truncation
             fate = (f"{t.truncated:,} would be truncated" if self.truncation == "truncate"
                     else f"{t.dropped_too_long:,} would be dropped")
+            held_out = name == "eval" and self.eval_source.startswith("held out")
             lines += [
                 "",
-                f"{name}: {len(q.files)} file(s), {q.records:,} valid records ({formats}), "
+                (f"eval: {self.eval_source}, " if held_out else f"{name}: {len(q.files)} file(s), ")
+                + f"{q.records:,} valid records ({formats}), "
                 f"{q.invalid_records:,} invalid",
                 f"  tokens per sample: {q.token_lengths}; {q.longer_than_max_seq_len:,} longer than "
                 f"{self.max_seq_len} ({fate})",
@@ -193,8 +196,10 @@ class _NgramHasher:
 
 # ---- The checks --------------------------------------------------------------------------------
 def check_data(settings: DataSettings, tokenizer, *, ngram: int = 13,
-               vocab_size: int | None = None) -> tuple[QualityReport, list[TokenizedSample]]:
-    """The quality report, and the train samples as tokenized (for rendering with `render_sample`).
+               vocab_size: int | None = None) -> tuple[QualityReport, list[tuple[TokenizedSample, str]]]:
+    """The quality report, and the train samples as training will use them, each with a note
+    ("" / "truncated from N tokens" / "dropped: why"; a dropped one as tokenized), for
+    rendering with `render_sample`. With no eval files, `eval_fraction` is held out as in training.
     File-level problems (missing file, unknown format, no chat template) raise UserError.
     With the model's `vocab_size`, samples holding a token id it has no embedding for are errors."""
     eos_ids = eos_token_ids(tokenizer, settings.model_path, settings.tokenizer_path)
@@ -202,29 +207,44 @@ def check_data(settings: DataSettings, tokenizer, *, ngram: int = 13,
     findings: list[Finding] = []
     if not settings.train_files:
         raise UserError("no training data: give --data FILE... (or --config with data.train_files).")
-    train_files = resolve_files(settings.train_files, "--data")
+    train_read, train_invalid = _read_split("train", resolve_files(settings.train_files, "--data"), settings)
+    train_part, eval_part, eval_source = train_read.samples, None, "none"
     eval_files = resolve_files(settings.eval_files, "--eval")
-    train, train_samples, train_tok = _check_split("train", train_files, settings, encoder, findings, vocab_size)
-    eval_q, overlap = None, None
     if eval_files:
-        eval_q, eval_samples, _ = _check_split("eval", eval_files, settings, encoder, findings, vocab_size)
+        eval_read, eval_invalid = _read_split("eval", eval_files, settings)
+        eval_part, eval_source = eval_read.samples, "files"
+    elif settings.eval_fraction > 0:  # as training does: these records are not trained on
+        train_part, eval_part = pipeline.hold_out(train_read.samples, settings.eval_fraction, settings.seed)
+        eval_read, eval_invalid, eval_source = train_read, [], f"held out of train (eval_fraction {settings.eval_fraction})"
+    train, train_samples, train_tok = _check_split(
+        "train", train_read.files, train_part, train_invalid, settings, encoder, findings, vocab_size)
+    eval_q, overlap = None, None
+    if eval_part is not None:
+        eval_q, eval_samples, _ = _check_split(
+            "eval", eval_read.files, eval_part, eval_invalid, settings, encoder, findings, vocab_size)
         overlap = _overlap(train_samples, eval_samples, ngram, findings)
     report = QualityReport(
         tokenizer=settings.tokenizer_path, max_seq_len=settings.max_seq_len, truncation=settings.truncation,
         train_on_prompt=settings.train_on_prompt, packing=settings.packing, train=train, eval=eval_q,
-        overlap=overlap, findings=findings,
+        overlap=overlap, findings=findings, eval_source=eval_source,
     )
     return report, train_tok
 
 
-def _check_split(name, files, settings: DataSettings, encoder: SampleEncoder, findings: list[Finding],
-                 vocab_size: int | None):
+def _read_split(name, files, settings: DataSettings):
     invalid: list[str] = []
     read = read_samples(files, settings.format, "skip", name, lambda bad: invalid.append(str(bad)))
+    return read, invalid
+
+
+def _check_split(name, files, part: list[Sample], invalid: list[str], settings: DataSettings,
+                 encoder: SampleEncoder, findings: list[Finding], vocab_size: int | None):
+    """`part`: the split's samples (all of its files', or train's share after the eval hold-out)."""
+    invalid = list(invalid)
     samples: list[Sample] = []
     tokenized: list[TokenizedSample] = []
-    for start in range(0, len(read.samples), pipeline.ENCODE_BATCH):
-        chunk = read.samples[start:start + pipeline.ENCODE_BATCH]
+    for start in range(0, len(part), pipeline.ENCODE_BATCH):
+        chunk = part[start:start + pipeline.ENCODE_BATCH]
         for sample, result in zip(chunk, encoder.encode(chunk)):
             if isinstance(result, BadRecord):
                 invalid.append(str(result))
@@ -233,14 +253,19 @@ def _check_split(name, files, settings: DataSettings, encoder: SampleEncoder, fi
                 tokenized.append(result)
 
     stats = SplitStats(records=len(tokenized))
-    kept, no_trained = [], []
+    kept, no_trained, shown = [], [], []
     for s in tokenized:
         before = stats.dropped_no_trained_tokens
         t = pipeline.truncate(s, settings, stats)
         if t is not None:
             kept.append(t)
+            shown.append((t, f"truncated from {len(s.ids)} tokens" if len(t.ids) < len(s.ids) else ""))
         elif stats.dropped_no_trained_tokens > before:
             no_trained.append(str(s.location))
+            cut = " after truncation" if len(s.ids) > settings.max_seq_len else ""
+            shown.append((s, f"dropped: no trained token{cut}"))
+        else:
+            shown.append((s, f"dropped: longer than max_seq_len={settings.max_seq_len}"))
     rows = pack(kept, settings.max_seq_len, settings.packing)  # as training will lay them out
     stats.samples, stats.rows = len(kept), len(rows)
     stats.tokens, stats.trained_tokens = rows.num_tokens, rows.num_trained_tokens
@@ -301,14 +326,14 @@ def _check_split(name, files, settings: DataSettings, encoder: SampleEncoder, fi
     add("warning", f"{name}_empty_prompt_fields", empty_prompt, "{n:,} empty prompt field(s) in {split}")
 
     quality = SplitQuality(
-        files=read.files, records=sum(f.records for f in read.files), records_per_format=per_format,
+        files=files, records=len(part), records_per_format=per_format,
         invalid_records=len(invalid), invalid_examples=invalid[:MAX_INVALID_LISTED], samples=len(tokenized),
         token_lengths=Distribution.of(lengths), longer_than_max_seq_len=len(too_long), truncation=stats,
         trained_tokens=Distribution.of([s.num_trained for s in kept]), exact_duplicates=len(exact),
         near_duplicates=len(near), empty_fields=empty_fields, packed_rows=len(rows),
         fill=round(stats.tokens / (len(rows) * settings.max_seq_len), 4) if len(rows) else 0.0,
     )
-    return quality, samples, tokenized
+    return quality, samples, shown
 
 
 def _field_label(sample: Sample, name: str) -> str:
