@@ -196,8 +196,8 @@ class Checkpointer:
     # ---- best parameters ------------------------------------------------------------------
     def save_best(self, step: int, params, value: float, metrics: dict) -> None:
         meta = {"step": step, "metric": self.metric, "value": value, "metrics": metrics}
-        self.best_manager.wait_until_finished()
         if step in self.best_manager.all_steps():  # a better evaluation of the same step, after a rollback
+            self.best_manager.wait_until_finished()
             self.best_manager.delete(step)
         self.best_manager.save(
             step,

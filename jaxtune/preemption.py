@@ -40,26 +40,11 @@ class StopRequest:
         return self.signal is not None
 
 
-class ExitOnSignal:
+class ExitOnSignal(StopRequest):
     """Before training starts there is nothing to save: SIGINT and SIGTERM end the process at
     once (the data cache and checkpoints are written atomically). Python's KeyboardInterrupt
     would not do: raised inside JAX's garbage-collection callback it is printed and ignored."""
 
-    def __enter__(self) -> "ExitOnSignal":
-        self._previous = {}
-        for sig in StopRequest.SIGNALS:
-            try:
-                self._previous[sig] = signal.signal(sig, self._exit)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    @staticmethod
-    def _exit(signum, frame) -> None:
+    def _handle(self, signum, frame) -> None:
         print(f"\n{signal.Signals(signum).name} received before training started: exiting", file=sys.stderr, flush=True)
         os._exit(128 + signum)
-

@@ -73,14 +73,14 @@ def _previous_outputs(workdir: str) -> list[str]:
     return [n for n in RUN_OUTPUTS if os.path.exists(os.path.join(workdir, n))]
 
 
-def _writable_directory(path: str, what: str) -> None:
+def _writable_workdir(path: str) -> None:
     """Created now, so that a path that cannot be written fails in one line before any data work."""
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
-        raise UserError(f"{what} {path} cannot be created: {e.strerror}.") from None
+        raise UserError(f"workdir {path} cannot be created: {e.strerror}.") from None
     if not os.access(path, os.W_OK):
-        raise UserError(f"{what} {path} is not writable.")
+        raise UserError(f"workdir {path} is not writable.")
 
 
 def _check_workdir(config) -> bool:
@@ -91,7 +91,7 @@ def _check_workdir(config) -> bool:
     the weights have loaded.
     """
     workdir = config.workdir
-    _writable_directory(workdir, "workdir")
+    _writable_workdir(workdir)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     has_ckpt = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
     if config.train.resume == "auto":

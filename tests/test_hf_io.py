@@ -59,7 +59,7 @@ def test_save_pretrained_mistakes_are_one_clear_error(tmp_path):
     make_hf_llama(tmp_path / "src", num_key_value_heads=2)
     model = jaxtune.from_pretrained(tmp_path / "src")
     state = nnx.as_pure(nnx.split(model)[1])
-    with pytest.raises(UserError, match="dtype must be one of float32, bfloat16, float16, got 'bf16'"):
+    with pytest.raises(UserError, match="save_pretrained: dtype must be float32, bfloat16 or float16, got 'bf16'"):
         jaxtune.save_pretrained(state, model.config, tmp_path / "a", dtype="bf16")
     assert not (tmp_path / "a").exists()
     (tmp_path / "file").write_text("")

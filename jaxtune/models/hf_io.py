@@ -365,7 +365,7 @@ def iter_hf_tensors(params, config: LlamaConfig, dtype=None) -> Iterator[tuple[s
             yield tmap.hf_name, np.ascontiguousarray(tmap.to_hf(full))
 
 
-_SAVE_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+_NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
 def _weight_files(out_dir: str) -> list[str]:
@@ -414,8 +414,7 @@ def save_pretrained(
     host memory holds about one shard, not the model.
     """
     out_dir = os.fspath(out_dir)
-    if dtype not in _SAVE_DTYPES:
-        raise UserError(f"save_pretrained: dtype must be one of {', '.join(_SAVE_DTYPES)}, got {dtype!r}.")
+    _check_dtype(dtype, "save_pretrained: dtype")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"{out_dir} exists and is not a directory.")
     if isinstance(params, nnx.Module):
@@ -429,7 +428,7 @@ def save_pretrained(
     for name in old:
         os.remove(os.path.join(out_dir, name))
 
-    np_dtype = _SAVE_DTYPES[dtype]
+    np_dtype = _NUMPY_DTYPES[dtype]
     shard_of, count, size = {}, 0, 0
     for name, nbytes in _hf_sizes(params, config, np.dtype(np_dtype).itemsize):
         if count == 0 or (size and size + nbytes > max_shard_bytes):
@@ -496,5 +495,5 @@ def from_pretrained(
 
 
 def _check_dtype(name: str, what: str):
-    if name not in ("float32", "bfloat16", "float16"):
+    if name not in _NUMPY_DTYPES:
         raise UserError(f"{what} must be float32, bfloat16 or float16, got {name!r}.")
