@@ -6,10 +6,16 @@ dimension split across devices). Batches are split over `data` x `fsdp`.
 
 Every parameter path must match exactly one rule; an unmatched parameter is an error,
 never silently replicated.
+
+Activations are pinned too (`constrain`, while a step is traced under `activations_on`):
+left to propagation, XLA took the embedding's layout ([V, D] split over fsdp on D) for the
+residual stream, so every fsdp device computed every token of the batch on a slice of D.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import re
 
@@ -21,6 +27,7 @@ from jaxtune.errors import UserError
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+BATCH_AND_HEADS = ("data", "fsdp", "tensor")  # a merged [batch * heads] axis
 
 # (regex over "a/b/c" parameter paths, spec). Stacked layer parameters lead with [L].
 PARTITION_RULES: tuple[tuple[str, P], ...] = (
@@ -130,3 +137,25 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def data_parallel_size(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+_activation_mesh: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activations_on(mesh: Mesh):
+    """While a step is traced in here, `constrain` pins activations to `mesh`."""
+    token = _activation_mesh.set(mesh)
+    try:
+        yield
+    finally:
+        _activation_mesh.reset(token)
+
+
+def constrain(x: jax.Array, *spec) -> jax.Array:
+    """`x` laid out as `P(*spec)` over the mesh of `activations_on`; unchanged outside it
+    (a model called on its own, e.g. from `jaxtune.from_pretrained`)."""
+    mesh = _activation_mesh.get()
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))

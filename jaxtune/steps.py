@@ -142,7 +142,7 @@ def make_train_step(graphdef, optimizer, schedule: Callable, settings: StepSetti
 
     rep = sharding.replicated(mesh)
     return jax.jit(
-        step,
+        _traced_on(mesh, step),
         in_shardings=(shardings, train_batch_sharding(mesh)),
         out_shardings=(shardings, rep),
         donate_argnums=(0,),
@@ -160,7 +160,17 @@ def make_eval_step(graphdef, settings: StepSettings, mesh: Mesh, param_shardings
         return loss_sum, correct, jnp.sum(batch.loss_weights.astype(jnp.float32))
 
     rep = sharding.replicated(mesh)
-    return jax.jit(step, in_shardings=(param_shardings, eval_batch_sharding(mesh)), out_shardings=rep)
+    return jax.jit(_traced_on(mesh, step), in_shardings=(param_shardings, eval_batch_sharding(mesh)), out_shardings=rep)
+
+
+def _traced_on(mesh: Mesh, fn):
+    """`fn` traced with its activations pinned to `mesh` (see `sharding.constrain`)."""
+
+    def traced(*args):
+        with sharding.activations_on(mesh):
+            return fn(*args)
+
+    return traced
 
 
 def to_global_batch(rows, mesh: Mesh, accum_steps: int | None) -> Batch:

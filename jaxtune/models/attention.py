@@ -19,7 +19,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxtune.sharding import BATCH_AND_HEADS, constrain
+
 NEG = jnp.finfo(jnp.float32).min
+
+
+_BATCH_THEN_HEADS = (BATCH_AND_HEADS[:-1], BATCH_AND_HEADS[-1])  # [B, K, ...]
 
 
 def query_block_size(t: int) -> int:
@@ -83,9 +88,11 @@ def causal_attention(q, k, v, segment_ids, dtype) -> jax.Array:
     """
     b, t, kh, g, h = q.shape
     block = query_block_size(t)
-    qt = jnp.transpose(q, (0, 2, 3, 1, 4)).reshape(b * kh, g, t, h)  # [B*K, G, T, H]
-    kt = jnp.transpose(k, (0, 2, 1, 3)).reshape(b * kh, t, h)  # [B*K, T, H]
-    vt = jnp.transpose(v, (0, 2, 1, 3)).reshape(b * kh, t, h)
+    # B*K splits over the batch axes then tensor, as B and K did (without this, XLA
+    # gathered every head onto every tensor-parallel device).
+    qt = constrain(jnp.transpose(q, (0, 2, 3, 1, 4)).reshape(b * kh, g, t, h), BATCH_AND_HEADS)  # [B*K, G, T, H]
+    kt = constrain(jnp.transpose(k, (0, 2, 1, 3)).reshape(b * kh, t, h), BATCH_AND_HEADS)  # [B*K, T, H]
+    vt = constrain(jnp.transpose(v, (0, 2, 1, 3)).reshape(b * kh, t, h), BATCH_AND_HEADS)
     outs = []
     for start in range(0, t, block):
         end = min(start + block, t)
@@ -95,4 +102,5 @@ def causal_attention(q, k, v, segment_ids, dtype) -> jax.Array:
         out = _block(q_blk, kt[:, :end], vt[:, :end], mask, g, dtype)
         outs.append(out.reshape(b, kh, g, end - start, h))
     out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
+    out = constrain(out, *_BATCH_THEN_HEADS)
     return jnp.transpose(out, (0, 3, 1, 2, 4))  # [B, T, K, G, H]

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtune.errors import UserError
+from jaxtune.sharding import BATCH_AXES, constrain
 from jaxtune.models.attention import causal_attention
 from jaxtune.models.matmul import dense
 from jaxtune.models.swiglu import swiglu
@@ -346,9 +347,10 @@ class Attention(nnx.Module):
         """x: [M, D] float32; segment_ids: [B, T]. Returns [M, D] float32."""
         b, t = cos.shape[:2]
         dt, k, h = self.compute_dtype, self.num_kv_heads, self.head_dim
-        q = self.q_proj(x, dt).reshape(b, t, -1, h)
-        key = self.k_proj(x, dt).reshape(b, t, k, h)
-        value = self.v_proj(x, dt).reshape(b, t, k, h)
+        heads = (BATCH_AXES, None, "tensor", None)  # [B, T, heads, H]
+        q = constrain(self.q_proj(x, dt).reshape(b, t, -1, h), *heads)
+        key = constrain(self.k_proj(x, dt).reshape(b, t, k, h), *heads)
+        value = constrain(self.v_proj(x, dt).reshape(b, t, k, h), *heads)
         q = apply_rope(q, cos, sin) * (h**-0.5)
         key = apply_rope(key, cos, sin)
         q = q.reshape(b, t, k, -1, h)  # GQA: query heads grouped under their kv head
@@ -367,7 +369,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         dt = self.compute_dtype
-        return self.down_proj(swiglu(self.gate_proj(x, dt), self.up_proj(x, dt), dt), dt)
+        gate, up = (constrain(p(x, dt), BATCH_AXES, "tensor") for p in (self.gate_proj, self.up_proj))
+        return self.down_proj(swiglu(gate, up, dt), dt)
 
 
 class DecoderLayer(nnx.Module):
@@ -446,16 +449,18 @@ class Llama(nnx.Module):
         cos, sin = rope_cos_sin(self.config, positions)
 
         x = jnp.take(self.embed_tokens[...], input_ids.reshape(-1), axis=0).astype(jnp.float32)
+        x = constrain(x, BATCH_AXES, None)  # tokens split like the batch, not D like the embedding
         graphdef, layer_state = nnx.split(self.layers)
 
         def body(carry, state):
-            return nnx.merge(graphdef, state)(carry, cos, sin, segment_ids), None
+            out = nnx.merge(graphdef, state)(constrain(carry, BATCH_AXES, None), cos, sin, segment_ids)
+            return constrain(out, BATCH_AXES, None), None
 
         policy = REMAT_POLICIES[self.remat]
         if self.remat != "none":
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
         x, _ = jax.lax.scan(body, x, layer_state)
-        return self.norm(x).reshape(b, t, -1)
+        return constrain(self.norm(x).reshape(b, t, -1), BATCH_AXES, None, None)
 
     def __call__(self, input_ids, positions=None, segment_ids=None) -> jax.Array:
         h = self.hidden_states(input_ids, positions, segment_ids)
