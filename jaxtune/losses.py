@@ -14,7 +14,8 @@ head. The result is the same up to the order of the float32 sums.
 With tied embeddings the kernel is the transposed embedding, and autodiff transposes its
 gradient back. XLA:CPU folds that transpose into the bf16 product that makes the gradient and
 then cannot run it ("Unsupported element type for DotThunk"), so on CPU that one product is
-computed in float32 (`tied=True`).
+computed in float32 (`tied=True`). On CPU the kernel's gradient is made from a transposed
+copy of the hidden states (see models/matmul.py); other backends contract them directly.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxtune.models.matmul import transpose_2d
+from jaxtune.models import matmul
+from jaxtune.models.matmul import product, transpose_2d
 
 
 def _trained_first(weights):
@@ -70,8 +72,7 @@ def _over_trained_chunks(fn, init, hidden, targets, weights, chunk_len):
 
 def _chunk_logits(h, kernel, dtype):
     b, c, d = h.shape
-    logits = jnp.dot(h.reshape(b * c, d).astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
-    return logits  # [b*c, V] float32
+    return product("md,dv->mv", h.reshape(b * c, d).astype(dtype), kernel.astype(dtype))  # [b*c, V] float32
 
 
 def _chunk_stats(logits, targets, weights):
@@ -107,11 +108,13 @@ def _chunk_grads(h, kernel, targets, weights, dtype, tied):
     dlogits_f32 = (jnp.exp(logits - lse[:, None]) - one_hot) * w[:, None]
     dlogits = dlogits_f32.astype(dtype)
     # einsum, not dot(a, b.T): an explicit transpose makes XLA:CPU upcast this bf16 dot to f32.
-    dh = jnp.einsum("mv,dv->md", dlogits, kernel.astype(dtype), preferred_element_type=jnp.float32)
-    if tied and jax.default_backend() == "cpu":  # float32 inputs, not bf16 ones cast up: XLA strips such casts
-        dk = jnp.dot(transpose_2d(h.reshape(-1, d).astype(jnp.float32)), dlogits_f32)
+    dh = product("mv,dv->md", dlogits, kernel.astype(dtype))
+    if not matmul.cpu_layouts():
+        dk = product("md,mv->dv", h.reshape(-1, d).astype(dtype), dlogits)
+    elif tied:  # float32 inputs, not bf16 ones cast up: XLA strips such casts
+        dk = product("dm,mv->dv", transpose_2d(h.reshape(-1, d).astype(jnp.float32)), dlogits_f32)
     else:
-        dk = jnp.dot(transpose_2d(h.reshape(-1, d).astype(dtype)), dlogits, preferred_element_type=jnp.float32)
+        dk = product("dm,mv->dv", transpose_2d(h.reshape(-1, d).astype(dtype)), dlogits)
     return loss, dh.reshape(h.shape), dk
 
 

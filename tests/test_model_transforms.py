@@ -129,3 +129,35 @@ def test_swiglu_backward_matches_autodiff_of_its_formula():
     exact = plain(gb.astype(jnp.float32), ub.astype(jnp.float32))
     np.testing.assert_allclose(out_b.astype(jnp.float32), exact, rtol=8e-3, atol=1e-6)
     assert all(x.dtype == jnp.bfloat16 for x in vjp_b(d.astype(jnp.bfloat16)))
+
+
+def _saved_bytes(policy, seq_len):
+    import contextlib
+    import io
+    import re
+
+    from jax.ad_checkpoint import print_saved_residuals
+
+    config = LlamaConfig.from_hf_dict({**TINY, "num_hidden_layers": 2})
+    graphdef, abstract = abstract_model(config, remat=policy, compute_dtype="bfloat16")
+    params = nnx.as_pure(abstract)
+    ids = jnp.zeros((1, seq_len), jnp.int32)
+
+    def loss(params):
+        return nnx.merge(graphdef, params).hidden_states(ids).sum()
+
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_saved_residuals(loss, zeros)  # lines like "f32[2,8,64,512] output of ..."
+    sizes = {"f32": 4, "bf16": 2, "i32": 4, "bool": 1}
+    return sum(sizes[dt] * int(np.prod([int(d) for d in dims.split(",") if d]))
+               for dt, dims in re.findall(r"^(\w+)\[([\d,]*)\]", out.getvalue(), re.M))
+
+
+@pytest.mark.parametrize("policy", list(REMAT_POLICIES))
+def test_no_remat_policy_keeps_memory_quadratic_in_the_sequence(policy):
+    """What the backward pass keeps grows like T, not T^2: `dots` used to save every
+    attention block's float32 scores (4 GiB per layer for one 8k-token row of Llama 3 8B)."""
+    short, long = _saved_bytes(policy, 512), _saved_bytes(policy, 2048)
+    assert long < 4.4 * short, (policy, short, long)

@@ -4,8 +4,9 @@ backward pass.
 - Query block i only needs keys up to its last position, so most of the masked upper
   triangle is never computed, and a block's scores stay small enough for the cache.
 - The backward pass recomputes the probabilities from the saved log-sum-exp (as flash
-  attention does): no [T, T] probabilities are kept between passes, whatever the remat
-  policy, and every product is laid out so that XLA:CPU runs it as a fast (bf16-capable)
+  attention does): no [T, T] scores or probabilities are kept between passes under any
+  remat policy (remat `dots` saves the output and log-sum-exp by name, ATTENTION_OUT and
+  ATTENTION_LSE, and recomputes nothing here), and every product is laid out so that XLA:CPU runs it as a fast (bf16-capable)
   dot, with the two transposed operands materialised (see matmul.py).
 Layouts inside: q [B*K, G*tq, H] (GQA: the G query heads of a kv head side by side),
 k and v [B*K, tk, H], scores [B*K, G*tq, tk]; one batch axis made the bf16 block 1.5x
@@ -18,12 +19,17 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from jaxtune.models import matmul
+from jaxtune.models.matmul import product
 from jaxtune.sharding import BATCH_AND_HEADS, constrain
 
 NEG = jnp.finfo(jnp.float32).min
 
 
+# What the backward pass needs besides q, k, v: O(T) per query, unlike the [T, T] scores.
+ATTENTION_OUT, ATTENTION_LSE = "attention_out", "attention_lse"
 _BATCH_THEN_HEADS = (BATCH_AND_HEADS[:-1], BATCH_AND_HEADS[-1])  # [B, K, ...]
 
 
@@ -39,43 +45,65 @@ def _swap_last(x: jax.Array) -> jax.Array:
 
 
 def _bmm(spec, a, b):
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+    return product(spec, a, b)
 
 
-def _scores(q, k, mask, groups):
+def _bmm_keys_first(a, b):
+    """[b, q, t] x [b, q, h] -> [b, t, h] (contracting queries, the first axis of `a`)."""
+    if matmul.cpu_layouts():  # XLA:CPU runs it fast only from a physically transposed `a`
+        return _bmm("btq,bqh->bth", _swap_last(a), b)
+    return _bmm("bqt,bqh->bth", a, b)
+
+
+def _mask(seg_q, seg_k):
+    """[B, tq, tk]: the block's queries are the last tq of the tk key positions. Made from
+    the segment ids in both passes, so no quadratic mask is kept between them."""
+    tq, tk = seg_q.shape[1], seg_k.shape[1]
+    causal = jnp.arange(tk - tq, tk)[:, None] >= jnp.arange(tk)[None, :]
+    return causal[None] & (seg_q[:, :, None] == seg_k[:, None, :])
+
+
+def _scores(q, k, seg_q, seg_k, groups):
     s = _bmm("bqh,bth->bqt", q, k)  # b = B*K
     bk, gq, t = s.shape
+    mask = _mask(seg_q, seg_k)
     b = mask.shape[0]
     s = jnp.where(mask[:, None, None], s.reshape(b, bk // b, groups, gq // groups, t), NEG)
     return s.reshape(bk, gq, t)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _block(q, k, v, mask, groups, dtype):
-    """softmax(q k^T + mask) v for one query block; q pre-scaled. Returns `dtype`."""
-    return _block_fwd(q, k, v, mask, groups, dtype)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _block(q, k, v, seg_q, segment_ids, groups, dtype, end):
+    """softmax(q k^T + mask) v for one query block (q pre-scaled) over keys [0, end).
+
+    k, v and segment_ids are whole sequences, sliced in here: slices taken outside would
+    each be kept for the backward pass, ~8x k and v over 16 blocks. Returns `dtype`."""
+    return _block_fwd(q, k, v, seg_q, segment_ids, groups, dtype, end)[0]
 
 
-def _block_fwd(q, k, v, mask, groups, dtype):
-    q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
-    s = _scores(q, k, mask, groups)
-    lse = jax.nn.logsumexp(s, axis=-1, keepdims=True)
+def _block_fwd(q, k_full, v_full, seg_q, segment_ids, groups, dtype, end):
+    q, k, v = q.astype(dtype), k_full[:, :end].astype(dtype), v_full[:, :end].astype(dtype)
+    s = _scores(q, k, seg_q, segment_ids[:, :end], groups)
+    lse = checkpoint_name(jax.nn.logsumexp(s, axis=-1, keepdims=True), ATTENTION_LSE)
     p = jnp.exp(s - lse)
-    out = _bmm("bqt,bth->bqh", p.astype(dtype), v).astype(dtype)
-    return out, (q, k, v, mask, lse, out)
+    out = checkpoint_name(_bmm("bqt,bth->bqh", p.astype(dtype), v).astype(dtype), ATTENTION_OUT)
+    return out, (q, k_full, v_full, seg_q, segment_ids, lse, out)
 
 
-def _block_bwd(groups, dtype, residuals, d_out):
-    q, k, v, mask, lse, out = residuals
-    p = jnp.exp(_scores(q, k, mask, groups) - lse)
+def _block_bwd(groups, dtype, end, residuals, d_out):
+    q, k_full, v_full, seg_q, segment_ids, lse, out = residuals
+    k, v = k_full[:, :end].astype(dtype), v_full[:, :end].astype(dtype)
+    p = jnp.exp(_scores(q, k, seg_q, segment_ids[:, :end], groups) - lse)
     d_out_c = d_out.astype(dtype)
-    d_v = _bmm("btq,bqh->bth", _swap_last(p.astype(dtype)), d_out_c)
+    d_v = _bmm_keys_first(p.astype(dtype), d_out_c)
     d_p = _bmm("bqh,bth->bqt", d_out_c, v)
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     d_s = (p * (d_p - delta)).astype(dtype)
     d_q = _bmm("bqt,bth->bqh", d_s, k)
-    d_k = _bmm("btq,bqh->bth", _swap_last(d_s), q)
-    return d_q, d_k, d_v, None
+    d_k = _bmm_keys_first(d_s, q)
+    rest = [(0, 0), (0, k_full.shape[1] - end), (0, 0)]
+    d_k, d_v = jnp.pad(d_k, rest).astype(k_full.dtype), jnp.pad(d_v, rest).astype(v_full.dtype)
+    return d_q, d_k, d_v, None, None
 
 
 _block.defvjp(_block_fwd, _block_bwd)
@@ -96,10 +124,8 @@ def causal_attention(q, k, v, segment_ids, dtype) -> jax.Array:
     outs = []
     for start in range(0, t, block):
         end = min(start + block, t)
-        causal = jnp.arange(start, end)[:, None] >= jnp.arange(end)[None, :]
-        mask = causal[None] & (segment_ids[:, start:end, None] == segment_ids[:, None, :end])
         q_blk = qt[:, :, start:end].reshape(b * kh, g * (end - start), h)
-        out = _block(q_blk, kt[:, :end], vt[:, :end], mask, g, dtype)
+        out = _block(q_blk, kt, vt, segment_ids[:, start:end], segment_ids, g, dtype, end)
         outs.append(out.reshape(b, kh, g, end - start, h))
     out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
     out = constrain(out, *_BATCH_THEN_HEADS)

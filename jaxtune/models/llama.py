@@ -26,8 +26,8 @@ from flax import nnx
 
 from jaxtune.errors import UserError
 from jaxtune.sharding import BATCH_AXES, constrain
-from jaxtune.models.attention import causal_attention
-from jaxtune.models.matmul import dense
+from jaxtune.models.attention import ATTENTION_LSE, ATTENTION_OUT, causal_attention
+from jaxtune.models.matmul import dense, product
 from jaxtune.models.swiglu import swiglu
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -39,8 +39,12 @@ _ROPE_KEYS = {
 REMAT_POLICIES = {
     "none": None,  # no rematerialisation: every activation is kept for the backward pass
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # the projections' outputs, and attention's output and log-sum-exp: never its [T, T]
+    # scores (plain `dots_saveable` kept them, memory quadratic in the sequence length)
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT, ATTENTION_LSE)),
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # attention recomputed
 }
 
 
@@ -290,7 +294,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # ---- Modules --------------------------------------------------------------------------------
 def _dot(spec: str, x: jax.Array, w: jax.Array, dtype) -> jax.Array:
     """Einsum with inputs in `dtype` and float32 accumulation (fast bf16 on CPU, exact fp32)."""
-    return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    return product(spec, x.astype(dtype), w.astype(dtype))
 
 
 class Projection(nnx.Module):

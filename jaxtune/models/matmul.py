@@ -1,13 +1,20 @@
-"""Matrix products whose backward pass XLA:CPU runs fast.
+"""Matrix products: float32 accumulation, full float32 precision for float32 inputs, and
+operand layouts XLA:CPU runs fast.
 
-XLA:CPU runs a dot quickly (and in bf16 at all) only when the left operand is contracted
-on its last dimension. Autodiff's weight gradient `x^T @ dy` contracts the token axis,
-the first dimension of `x`, so XLA falls back to a float32 dot with converted inputs:
-2x slower in bf16 (measured: 10.5 ms vs 4.9 ms for [2048,384]^T @ [2048,1024]). `dense`
-computes the same gradient from a materialised transpose (in float32, where XLA's own
-layout is as fast, it contracts directly). `transpose_2d` goes through a
-reshape, so XLA sees a copy to make, not a transposed operand to fold into the dot.
-On other backends the same code is just a matmul with a transposed copy.
+Precision: with float32 inputs a product is computed in float32 on every backend
+(`Precision.HIGHEST`). By default TPUs would use one bfloat16 pass and recent NVIDIA GPUs
+TF32, so `model.compute_dtype=float32` would silently not be float32 there (torch also
+keeps TF32 off for matmuls by default). Choose bfloat16 compute for speed.
+
+Layouts (CPU only, `cpu_layouts()`): XLA:CPU runs a dot quickly (and in bf16 at all) only
+when the left operand is contracted on its last dimension. Autodiff's weight gradient
+`x^T @ dy` contracts the token axis, the first dimension of `x`, so XLA falls back to a
+float32 dot with converted inputs: 2x slower in bf16 (measured: 10.5 ms vs 4.9 ms for
+[2048,384]^T @ [2048,1024]). `dense` computes the same gradient from a materialised
+transpose (in float32, where XLA's own layout is as fast, it contracts directly).
+`transpose_2d` goes through a reshape, so XLA sees a copy to make, not a transposed
+operand to fold into the dot. GPUs and TPUs take transposed operands as they are, so
+there the products contract directly and nothing is copied.
 """
 
 from __future__ import annotations
@@ -16,6 +23,18 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+
+def cpu_layouts() -> bool:
+    """Whether products are laid out for XLA:CPU (copies that other backends don't need)."""
+    return jax.default_backend() == "cpu"
+
+
+def product(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """`einsum(spec, a, b)` accumulated in float32; exact float32 when both inputs are."""
+    exact = a.dtype == jnp.float32 and b.dtype == jnp.float32
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32,
+                      precision=jax.lax.Precision.HIGHEST if exact else None)
 
 
 def transpose_2d(x: jax.Array) -> jax.Array:
@@ -31,29 +50,29 @@ def transpose_2d(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x.reshape(m, n, 1), 0, 2).reshape(n, m)
 
 
-def _mm(a, b):
-    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+def token_contraction(x: jax.Array, g: jax.Array) -> jax.Array:
+    """x^T @ g for x [M, K], g [M, N] (a weight gradient): [K, N] in float32."""
+    if cpu_layouts() and x.dtype != jnp.float32:  # float32 contracts the token axis natively
+        return product("km,mn->kn", transpose_2d(x), g)
+    return product("mk,mn->kn", x, g)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def dense(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
     """[M, K] @ [K, N] with inputs cast to `dtype`, float32 result and accumulation."""
-    return _mm(x.astype(dtype), w.astype(dtype))
+    return product("mk,kn->mn", x.astype(dtype), w.astype(dtype))
 
 
 def _dense_fwd(x, w, dtype):
     xc, wc = x.astype(dtype), w.astype(dtype)
-    return _mm(xc, wc), (xc, wc, jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
+    return product("mk,kn->mn", xc, wc), (xc, wc, jnp.zeros((), x.dtype), jnp.zeros((), w.dtype))
 
 
 def _dense_bwd(dtype, residuals, g):
     xc, wc, x_proto, w_proto = residuals
     gc = g.astype(dtype)
-    dx = jnp.einsum("mn,kn->mk", gc, wc, preferred_element_type=jnp.float32)
-    if jnp.dtype(dtype) == jnp.float32:  # float32 contracts the token axis natively
-        dw = jnp.einsum("mk,mn->kn", xc, gc, preferred_element_type=jnp.float32)
-    else:
-        dw = _mm(transpose_2d(xc), gc)
+    dx = product("mn,kn->mk", gc, wc)
+    dw = token_contraction(xc, gc)
     return dx.astype(x_proto.dtype), dw.astype(w_proto.dtype)
 
 
