@@ -11,12 +11,15 @@ blocks in one malloc arena also removes the faults, but made tokenization 1.7x s
 A tunable is read when the process starts, so `reexec_with_huge_pages()` restarts the
 current command (same PID, same arguments) with it set; `run.py` and `tools/bench.py` call
 it before anything else. It does nothing where it cannot help: off Linux, under glibc
-older than 2.35, or when the kernel's transparent huge pages are `always` (already in use)
-or `never`. `JAXTUNE_HOST_MALLOC=system` turns it off.
+older than 2.35, when the kernel's transparent huge pages are `always` (already in use)
+or `never`, and on GPU and TPU hosts (a `/dev/nvidia*` or `/dev/accel*` device, or
+`JAX_PLATFORMS` without `cpu`), where the step's buffers live in device memory.
+`JAXTUNE_HOST_MALLOC=system` turns it off.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 
@@ -48,6 +51,13 @@ def _thp_mode() -> str | None:
     return text[start + 1:end] if 0 <= start < end else None
 
 
+def _accelerator_host() -> bool:
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms and "cpu" not in platforms.split(","):
+        return True
+    return bool(glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/accel[0-9]*"))
+
+
 def huge_pages_would_help() -> bool:
     """Whether the tunable is needed and honoured here (see the module docstring)."""
     choice = os.environ.get(ENV_VAR, "huge")
@@ -56,7 +66,7 @@ def huge_pages_would_help() -> bool:
     version = _glibc_version()
     return (
         choice == "huge" and sys.platform.startswith("linux")
-        and version is not None and version >= (2, 35) and _thp_mode() == "madvise"
+        and version is not None and version >= (2, 35) and _thp_mode() == "madvise" and not _accelerator_host()
     )
 
 

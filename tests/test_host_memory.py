@@ -80,3 +80,18 @@ def test_no_restart_where_it_could_loop_or_lose_the_script(case, monkeypatch):
         monkeypatch.setattr(host_memory.sys, "flags", type("Flags", (), {"interactive": 1})())
     host_memory.reexec_with_huge_pages()
     assert calls == []
+
+
+@pytest.mark.parametrize("platforms, devices, helps", [
+    ("", [], True), ("cpu", [], True), ("cuda", [], False), ("tpu", [], False), ("cuda,cpu", [], True),
+    ("", ["/dev/nvidia0"], False), ("", ["/dev/accel0"], False),
+])
+def test_no_restart_on_gpu_and_tpu_hosts(platforms, devices, helps, monkeypatch):
+    """There the step's buffers live in device memory: a restart would only cost a start-up."""
+    monkeypatch.setattr(host_memory, "_glibc_version", lambda: (2, 35))
+    monkeypatch.setattr(host_memory, "_thp_mode", lambda: "madvise")
+    monkeypatch.setattr(host_memory.sys, "platform", "linux")
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    monkeypatch.delenv(host_memory.ENV_VAR, raising=False)
+    monkeypatch.setattr(host_memory.glob, "glob", lambda pattern: [d for d in devices if d.startswith(pattern[:-6])])
+    assert host_memory.huge_pages_would_help() is helps
