@@ -10,16 +10,21 @@ stop at their first train step, before it is compiled, so they cost only the set
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import re
 import types
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
 import jaxtune.train
 from jaxtune.data import DataSettings
+from jaxtune.errors import UserError
+from jaxtune.optim import OptimizerSettings
 from jaxtune.train import run
 from run_helpers import make_config, train_losses
 
@@ -34,10 +39,12 @@ def _run_recorded(monkeypatch, overrides: dict, *, train: bool = False):
     """run(make_config(overrides)), recording what it builds.
 
     Returns a namespace: settings (the StepSettings), model (graphdef merged with the
-    state's params), state and batch (the first train step's arguments), result (the
+    state's params), state and batch (the first train step's arguments), initial_params
+    (that state's parameters on the host, read before the step donates them), result (the
     RunResult; None when `train` is False and the run was stopped at its first step).
     """
-    seen = types.SimpleNamespace(settings=None, graphdef=None, state=None, batch=None, model=None, result=None)
+    seen = types.SimpleNamespace(settings=None, graphdef=None, state=None, batch=None, model=None, result=None,
+                                 initial_params=None)
     real = getattr(jaxtune.train.make_train_step, "__wrapped__", jaxtune.train.make_train_step)
     signature = inspect.signature(real)
 
@@ -49,6 +56,7 @@ def _run_recorded(monkeypatch, overrides: dict, *, train: bool = False):
         def recording_step(state, batch):
             if seen.state is None:
                 seen.state, seen.batch = state, batch
+                seen.initial_params = jax.device_get(state.params)  # the step donates the state
             if not train:
                 raise _Stop
             return step(state, batch)
@@ -86,6 +94,44 @@ def test_compute_dtype_reaches_the_model_and_the_step_and_changes_the_losses(tin
         assert 1e-5 < gap < 5e-2, (step, losses)
 
 
+def test_allow_pickle_lets_a_run_load_pytorch_model_bin(tiny, tmp_path, monkeypatch):
+    """A model directory with only pytorch_model.bin: refused by default (before the workdir
+    is touched), loaded and trained with model.allow_pickle=True."""
+    import shutil
+
+    import torch
+
+    from helpers import make_hf_llama
+    from jaxtune.models.hf_io import iter_hf_tensors
+    from jaxtune.models.llama import LlamaConfig
+
+    demo = tiny()["model.hf_path"]
+    model_dir = tmp_path / "pickled"
+    torch_model = make_hf_llama(model_dir, vocab_size=384)  # the demo tokenizer's size
+    torch.save(torch_model.state_dict(), model_dir / "pytorch_model.bin")
+    os.remove(model_dir / "model.safetensors")
+    for name in os.listdir(demo):
+        if name.startswith("tokenizer") or name.endswith(".jinja"):
+            shutil.copy(os.path.join(demo, name), model_dir)
+    overrides = dict(model__hf_path=str(model_dir), train__max_steps=1, logging__tensorboard=False,
+                     logging__plot=False, **NO_EVAL)
+
+    refused = tmp_path / "refused"
+    with pytest.raises(UserError, match=r"holds only PyTorch pickle weights \(pytorch_model.bin\).*allow_pickle=True"):
+        run(make_config(tiny(workdir=refused, **overrides)))
+    assert not refused.exists()
+
+    seen = _run_recorded(monkeypatch, tiny(model__allow_pickle=True, **overrides), train=True)
+    assert seen.result.stop_reason == "completed" and seen.result.step == 1
+    assert np.isfinite(train_losses(seen.result.history)[1])
+    # The run trained the pickled weights, not some other ones.
+    expected = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+    loaded = dict(iter_hf_tensors(seen.initial_params, LlamaConfig.from_pretrained(str(model_dir))))
+    assert loaded.keys() == expected.keys()
+    for name, value in loaded.items():
+        np.testing.assert_array_equal(value, expected[name], err_msg=name)
+
+
 @pytest.mark.parametrize("policy", ["full", "dots_no_batch"])
 def test_remat_reaches_the_model(tiny, monkeypatch, policy):
     seen = _run_recorded(monkeypatch, tiny(model__remat=policy))
@@ -113,6 +159,100 @@ def test_mesh_tensor_splits_the_attention_heads(tiny, monkeypatch):
     assert q.sharding.spec[2] == "tensor"
     shard = q.sharding.shard_shape(q.shape)
     assert shard[2] == q.shape[2] // 2 and shard[1] == q.shape[1] // 4
+
+
+@pytest.mark.parametrize("data, fsdp, expected", [
+    (2, -1, {"data": 2, "fsdp": 4, "tensor": 1}),  # fsdp fills the devices left
+    (-1, 2, {"data": 4, "fsdp": 2, "tensor": 1}),  # data fills; an ignored mesh.fsdp would make two -1s
+])
+def test_mesh_data_and_fsdp_shape_the_mesh_and_only_fsdp_shards_the_parameters(tiny, monkeypatch, data, fsdp,
+                                                                                expected):
+    overrides = tiny(mesh__data=data, mesh__fsdp=fsdp)
+    seen = _run_recorded(monkeypatch, overrides)
+    with open(os.path.join(overrides["workdir"], "config.json")) as f:
+        assert json.load(f)["mesh"] == expected
+    sharded = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(seen.state.params):
+        assert dict(leaf.sharding.mesh.shape) == expected, path
+        axes = {a for entry in leaf.sharding.spec for a in ((entry,) if isinstance(entry, str) else (entry or ()))}
+        assert "data" not in axes, path  # replicated over the data axis
+        # As many distinct blocks as fsdp shards: split over fsdp, copied over data.
+        indices = leaf.sharding.devices_indices_map(leaf.shape).values()
+        blocks = {tuple((i.start, i.stop) for i in idx) for idx in indices}
+        assert len(blocks) == (expected["fsdp"] if "fsdp" in axes else 1), path
+        sharded += "fsdp" in axes
+    assert sharded >= 5  # embeddings, attention and MLP kernels
+    q = seen.state.params["layers"]["self_attn"]["q_proj"]["kernel"]  # [layers, d, heads, head_dim]
+    assert q.sharding.shard_shape(q.shape)[1] == q.shape[1] // expected["fsdp"]
+
+
+# ---- train.eval_batch_size ------------------------------------------------------------------
+def _eval_batch_rows(monkeypatch, overrides: dict):
+    """(rows of each batch the eval step got, the RunResult) of a one-step run whose train
+    step is a stub (the weights stay as loaded; only the eval step is compiled)."""
+    rows = []
+    real_eval = jaxtune.train.make_eval_step
+
+    def make_eval_step(*args, **kwargs):
+        step = real_eval(*args, **kwargs)
+
+        def recording(params, batch):
+            rows.append(batch.input_ids.shape[0])
+            return step(params, batch)
+
+        return recording
+
+    def make_train_step(*args, **kwargs):
+        metrics = {"loss": np.float32(1.0), "grad_norm": np.float32(1.0), "lr": np.float32(0.0),
+                   "tokens": np.float32(1.0), "applied": np.bool_(True), "consecutive_skipped": np.int32(0)}
+        return lambda state, batch: (state, metrics)
+
+    monkeypatch.setattr(jaxtune.train, "make_eval_step", make_eval_step)
+    monkeypatch.setattr(jaxtune.train, "make_train_step", make_train_step)
+    result = run(make_config({**overrides, "train.max_steps": 1, "train.eval_every": 0,
+                              "logging.tensorboard": False, "logging.plot": False}))
+    return rows, result
+
+
+def test_eval_batch_size_sets_the_rows_of_every_eval_batch(tiny, tmp_path, monkeypatch):
+    # tiny: 8 rows per micro-batch; the 64 eval records pack into 32 rows of 64 tokens.
+    default, by_default = _eval_batch_rows(monkeypatch, tiny(workdir=tmp_path / "default"))
+    assert default == [8] * 4
+    sixteen, by_16 = _eval_batch_rows(monkeypatch, tiny(workdir=tmp_path / "16", train__eval_batch_size=16))
+    assert sixteen == [16] * 2
+    # Grouping the rows otherwise changes the batches, not the evaluation.
+    evals = [[r for r in result.history if "eval_loss" in r] for result in (by_default, by_16)]
+    assert evals[0][-1]["eval_tokens"] == evals[1][-1]["eval_tokens"] > 0
+    assert evals[0][-1]["eval_loss"] == pytest.approx(evals[1][-1]["eval_loss"], rel=1e-6)
+    with pytest.raises(UserError, match="train.eval_batch_size = 12 rows must be a multiple"):
+        run(make_config(tiny(workdir=tmp_path / "bad", train__eval_batch_size=12)))
+
+
+# ---- optimizer.* ----------------------------------------------------------------------------
+def test_every_optimizer_key_reaches_the_optimizer_and_the_schedule(tiny, monkeypatch):
+    keys = {"lr": 1e-3, "schedule": "cosine", "warmup_ratio": 0.2, "warmup_steps": 3, "min_lr_ratio": 0.1,
+            "weight_decay": 0.05, "b1": 0.8, "b2": 0.95, "eps": 1e-6, "max_grad_norm": 0.5}
+    expected = OptimizerSettings(**keys)
+    for field, value in keys.items():
+        assert getattr(OptimizerSettings(), field) != value, field  # every one differs from its default
+        assert make_config(tiny()).optimizer[field] != value, field  # and from tiny's value
+    overrides = tiny(**{f"optimizer__{k}": v for k, v in keys.items()})
+    assert OptimizerSettings.from_config(make_config(overrides).optimizer) == expected
+    received = []
+
+    def spy(name):
+        real = getattr(jaxtune.train, name)
+
+        def recording(settings, total_steps):
+            received.append((name, settings, total_steps))
+            return real(settings, total_steps)
+
+        monkeypatch.setattr(jaxtune.train, name, recording)
+
+    spy("build_optimizer")
+    spy("lr_schedule")
+    _run_recorded(monkeypatch, overrides)
+    assert received == [("build_optimizer", expected, 12), ("lr_schedule", expected, 12)]
 
 
 # ---- early_stopping.min_delta ---------------------------------------------------------------
@@ -154,6 +294,28 @@ def test_data_keys_reach_data_settings(tiny, key, value):
     config = make_config(tiny(**{f"data__{key}": value}))
     assert getattr(DataSettings.from_config(make_config(tiny())), key) != value  # not the default
     assert getattr(DataSettings.from_config(config), key) == value
+
+
+@pytest.mark.parametrize("fraction, held_out", [(0.1, 40), (0.25, 100)])
+def test_eval_fraction_holds_out_that_many_train_records(tiny, monkeypatch, capsys, fraction, held_out):
+    """round(fraction x 400) of the 400 train records become the eval split; training gets the rest."""
+    import jaxtune.data
+
+    prepared = []
+    real = jaxtune.data.prepare_datasets
+
+    def recording(*args, **kwargs):
+        prepared.append(real(*args, **kwargs))
+        return prepared[-1]
+
+    monkeypatch.setattr(jaxtune.data, "prepare_datasets", recording)
+    _run_recorded(monkeypatch, tiny(data__eval_files=(), data__eval_fraction=fraction))
+    (data,) = prepared
+    assert (data.report.eval.records, data.report.train.records) == (held_out, 400 - held_out)
+    assert len(data.eval) == data.report.eval.rows > 0
+    out = capsys.readouterr().out
+    assert f"eval (held out of train): {held_out} records" in out
+    assert f"({data.report.train.rows // 8} per epoch)" in out  # the loader has only the rest
 
 
 def test_packing_false_puts_one_sample_per_row(tiny, monkeypatch, capsys):

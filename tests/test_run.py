@@ -317,23 +317,20 @@ def test_learning_rate_schedule_reaches_the_optimizer(tiny):
     assert lrs == pytest.approx(expected, rel=1e-6)
 
 
-def test_param_dtype_epochs_seed_and_eval_batch_size(tiny, tmp_path):
+def test_param_dtype_epochs_and_seed(tiny, tmp_path):
+    # train.eval_batch_size: test_config_wiring.py::test_eval_batch_size_sets_the_rows_of_every_eval_batch
     import jax.numpy as jnp
 
     half = run(make_config(tiny(model__param_dtype="bfloat16", train__max_steps=-1, train__num_epochs=0.5,
-                                train__eval_every=0, train__eval_batch_size=16)))
+                                train__eval_every=0)))
     assert half.step == 13  # ceil(0.5 x 25 batches per epoch)
     assert {x.dtype for x in jax_leaves(half.params)} == {jnp.dtype(jnp.bfloat16)}
     first = {}
     for seed in (0, 1):
         r = run(make_config(tiny(workdir=tmp_path / f"seed{seed}", train__seed=seed, train__max_steps=1,
-                                 train__eval_every=0, train__eval_batch_size=16 if seed else 8)))
+                                 train__eval_every=0, data__eval_files=(), data__eval_fraction=0.0)))
         first[seed] = r.history
     assert first[0][0]["loss"] != first[1][0]["loss"]  # another shuffle, other batches
-    # The eval batch size changes how eval rows are grouped, not the result.
-    assert first[0][-1]["eval_loss"] == pytest.approx(first[1][-1]["eval_loss"], rel=1e-6)
-    with pytest.raises(UserError, match="train.eval_batch_size = 12 rows must be a multiple"):
-        run(make_config(tiny(workdir=tmp_path / "bad", train__eval_batch_size=12)))
 
 
 def jax_leaves(tree):

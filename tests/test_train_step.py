@@ -189,6 +189,7 @@ def test_bf16_compute_trains_close_to_fp32(ckpt):
     bf16, t = _run(ckpt, sharding.MeshShape(1, 1, 1), rows, steps=3, compute_dtype="bfloat16")
     assert t.state.params["embed_tokens"].dtype == jnp.float32
     np.testing.assert_allclose(bf16, fp32, atol=2e-2)
+    assert np.max(np.abs(np.subtract(bf16, fp32))) > 0  # bf16 compute did happen
 
 
 @pytest.mark.parametrize("mesh, chunk", [
@@ -208,6 +209,7 @@ def test_bf16_compute_with_tied_embeddings_trains_on_every_mesh(tmp_path_factory
     fp32, _ = _run(path, mesh, rows, steps=2, chunk=chunk)
     bf16, _ = _run(path, mesh, rows, steps=2, chunk=chunk, compute_dtype="bfloat16")
     np.testing.assert_allclose(bf16, fp32, atol=2e-2)
+    assert np.max(np.abs(np.subtract(bf16, fp32))) > 0  # bf16 compute did happen
 
 
 def test_non_finite_step_is_skipped_and_counted(ckpt):

@@ -116,7 +116,8 @@ class SafetensorsReader:
             if not allow_pickle:
                 raise UserError(
                     f"{self.path} holds only PyTorch pickle weights (pytorch_model.bin), which can run "
-                    "code when loaded; convert them to safetensors or pass allow_pickle=True."
+                    "code when loaded; convert them to safetensors, or pass allow_pickle=True "
+                    "(--config.model.allow_pickle=True for run.py)."
                 )
             self.file_of = {}
             self._pickled = _load_pickle_weights(self.path)
