@@ -18,6 +18,7 @@ import shutil
 import jax
 import orbax.checkpoint as ocp
 
+from jaxtune import distributed
 from jaxtune.errors import UserError
 from jaxtune.state import LoopState, TrainState
 
@@ -25,9 +26,17 @@ TMP_MARKER = ".orbax-checkpoint-tmp"
 
 
 def _manager(directory, max_to_keep, items, best_fn=None, best_mode="min"):
-    """`items` maps each item name to its handler (so metadata can be read before a restore)."""
+    """`items` maps each item name to its handler (so metadata can be read before a restore).
+
+    Each manager gets its own barrier prefix: Orbax names its multi-process barriers after the
+    step directory ("async_write_complete.20"), so without one the saves of `checkpoints/20`
+    and `best/20`, which finish in two background threads at the same time, met at the same
+    barrier ("Barrier _async_write_complete.20 is already ongoing") and the job hung.
+    """
     _remove_incomplete(directory)
     options = ocp.CheckpointManagerOptions(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix=os.path.basename(directory)),
         max_to_keep=max_to_keep,
         best_fn=best_fn,
         best_mode=best_mode,
@@ -125,16 +134,20 @@ class Checkpointer:
                     "settings it was written with, or use a new workdir (or train.resume=never with "
                     "train.overwrite=True)."
                 )
+            failure = None
             try:
                 state, loop = self.restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 - any unreadable file means a corrupt checkpoint
+                failure = f"{type(e).__name__}: {str(e)[:200]}"
+            if distributed.global_max(int(failure is not None)):  # every process takes the same path
+                failure = failure or "unreadable on another process"
                 if self.on_corrupt != "fallback":
                     raise UserError(
-                        f"checkpoint {where} is corrupted or unreadable ({type(e).__name__}: {str(e)[:200]}); "
+                        f"checkpoint {where} is corrupted or unreadable ({failure}); "
                         "delete it or set checkpoint.on_corrupt=fallback to resume from the one before."
-                    ) from None
+                    )
                 self._set_aside(step)
-                log(f"warning: checkpoint {where} is unreadable ({type(e).__name__}); moved it to "
+                log(f"warning: checkpoint {where} is unreadable ({failure.split(':')[0]}); moved it to "
                     f"{where}.corrupt and trying the previous one")
                 continue
             self._reconcile_best(step, loop, log)
@@ -185,6 +198,7 @@ class Checkpointer:
         if jax.process_index() == 0:
             where = os.path.join(self.directory, str(step))
             os.replace(where, f"{where}.corrupt")
+        distributed.barrier(f"checkpoint {step} set aside")  # before any process lists the steps again
         self.manager.reload()
 
     def discard_best_after(self, step: int) -> None:

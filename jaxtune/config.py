@@ -297,9 +297,25 @@ def expand_user_paths(config: ml_collections.ConfigDict) -> None:
             node[last] = os.path.expanduser(node[last])
 
 
+def _refuse_urls(config: ml_collections.ConfigDict) -> None:
+    """Paths are opened with the local file system: `gs://b/run` would become a local
+    directory named `gs:` on every host. Buckets work mounted (gcsfuse, s3fs)."""
+    for key in (*PATH_KEYS, "data.train_files", "data.eval_files"):
+        node = config
+        for part in key.split("."):
+            node = node[part]
+        for value in (node if isinstance(node, (tuple, list)) else (node,)):
+            if isinstance(value, str) and "://" in value:
+                raise UserError(
+                    f"{key} {value} is a URL; jaxtune reads and writes local paths only: mount the bucket "
+                    "(e.g. gcsfuse, s3fs) and give its mounted path."
+                )
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Values and contradictions that need no devices or files."""
     _check_types(config, defaults())
+    _refuse_urls(config)
     m, d, t, o = config.model, config.data, config.train, config.optimizer
     if not config.workdir:
         raise UserError("workdir must be set.")

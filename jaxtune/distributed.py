@@ -2,12 +2,16 @@
 
 On a single host nothing is initialised. On TPU pods, SLURM and GPU clusters with a
 coordinator (JAX_COORDINATOR_ADDRESS or SLURM with several tasks), `jax.distributed`
-is initialised before any device is touched.
+is initialised before any device is touched. Where no cluster tells JAX the number of
+processes and this one's index (a plain GPU cluster, or several processes on one machine),
+JAX_NUM_PROCESSES and JAX_PROCESS_ID say them.
 """
 
 from __future__ import annotations
 
 import os
+
+from jaxtune.errors import UserError
 
 import jax
 import numpy as np
@@ -17,8 +21,30 @@ _MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_
 
 def init() -> None:
     wanted = any(os.environ.get(v) for v in _MULTIHOST_ENV) or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    if wanted and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+    if not wanted or jax.distributed.is_initialized():
+        return
+    count, index = _env_int("JAX_NUM_PROCESSES"), _env_int("JAX_PROCESS_ID")
+    if (count is None) != (index is None):
+        raise UserError("set both JAX_NUM_PROCESSES and JAX_PROCESS_ID, or neither (to let the cluster say them).")
+    if count is not None and not 0 <= index < count:
+        raise UserError(f"JAX_PROCESS_ID={index} must be in [0, JAX_NUM_PROCESSES={count}).")
+    try:
+        jax.distributed.initialize(num_processes=count, process_id=index)
+    except ValueError as e:  # no cluster detected to fill in what the environment left out
+        raise UserError(
+            f"could not start multi-host JAX ({e}); outside SLURM, TPU pods and other clusters JAX detects, "
+            "set JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID."
+        ) from None
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"{name}={value!r} must be an integer.") from None
 
 
 def is_main() -> bool:

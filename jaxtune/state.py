@@ -94,10 +94,12 @@ class DataOrder:
     global_batch_size: int
     seed: int
     rows: int  # training rows used per epoch, over all processes
+    processes: int = 1  # each packs and shuffles its own share; 1 in checkpoints from before the field
 
     def changes_from(self, saved: "DataOrder") -> list[str]:
         names = {"global_batch_size": "train.global_batch_size", "seed": "train.seed",
-                 "rows": "the number of training rows (data or data settings)"}
+                 "rows": "the number of training rows (data or data settings)",
+                 "processes": "the number of processes"}
         return [f"{names[f]} was {getattr(saved, f)}, now {getattr(self, f)}"
                 for f in names if getattr(saved, f) != getattr(self, f)]
 

@@ -615,3 +615,11 @@ def test_tensorboard_and_wandb_after_a_restart_describe_one_run(reference, tmp_p
     assert [s for s, _ in _tensorboard_scalars(tmp_path / "run", "eval_loss")] == [4, 8, 12]
     assert len(inits) == 2 and inits[0]["id"] is not None and inits[1]["id"] == inits[0]["id"]
     assert inits[1]["resume"] == "allow"
+
+
+def test_the_batch_order_of_old_checkpoints_and_of_another_process_count():
+    from jaxtune.state import DataOrder, LoopState
+
+    old = LoopState.from_json({"data_order": {"global_batch_size": 8, "seed": 0, "rows": 1450}})
+    assert old.data_order == DataOrder(8, 0, 1450, 1)  # written before processes were recorded
+    assert DataOrder(8, 0, 1450, 1).changes_from(DataOrder(8, 0, 1450, 2)) == ["the number of processes was 2, now 1"]

@@ -37,6 +37,8 @@ from run_helpers import ROOT, make_config, read_metrics, run_py, write_recipe
         (["--config.model.param_dtype=float16"], "model.param_dtype=float16 cannot hold Adam's state"),
         (["--config.optimizer.schedule=constant", "--config.optimizer.min_lr_ratio=0.1"],
          "optimizer.min_lr_ratio has no effect with optimizer.schedule=constant"),
+        (["--config.model.hf_path=gs://bucket/llama"], "model.hf_path gs://bucket/llama is a URL; jaxtune reads"),
+        (["--config.data.train_files=a.jsonl,s3://b/train.jsonl"], "data.train_files s3://b/train.jsonl is a URL"),
     ],
 )
 def test_config_errors_are_one_line_before_any_work(args, message, tmp_path):

@@ -1,0 +1,105 @@
+"""Two JAX processes on this machine (one CPU device each, gloo collectives), as on two hosts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from run_helpers import ROOT, read_metrics, write_recipe
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(argv: list[str], timeout: float) -> list[tuple[int, str]]:
+    """Runs `argv` as process 0 and 1 of one job; [(returncode, output)] in process order.
+
+    A hung job is killed with SIGKILL: JAX's preemption notifier catches SIGTERM.
+    """
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
+               "JAX_PROCESS_ID": str(i), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+        procs.append(subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    results = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=timeout)
+            results.append((p.returncode, out))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.send_signal(signal.SIGKILL)
+        outs = [p.communicate()[0] for p in procs]
+        pytest.fail("the 2-process job hung; last output:\n" + "\n---\n".join(o[-3000:] for o in outs))
+    return results
+
+
+def _assert_ok(results):
+    for i, (rc, out) in enumerate(results):
+        assert rc == 0, f"process {i} exited {rc}:\n{out[-4000:]}"
+
+
+def test_two_checkpoint_managers_save_the_same_step_in_a_two_process_job(tmp_path):
+    """checkpoints/<step> and best/<step> finish in two background threads at once; Orbax names
+    its barriers after the step, so the managers need their own barrier prefixes."""
+    script = tmp_path / "saves.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {ROOT!r})
+        from jaxtune import distributed
+        distributed.init()
+        import jax, numpy as np
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from jaxtune.checkpoint import Checkpointer
+        from jaxtune.state import LoopState
+        mesh = Mesh(np.array(jax.devices()), ("x",))
+        x = jax.make_array_from_callback((2, 256), NamedSharding(mesh, P("x")), lambda i: np.ones((1, 256), "f4"))
+        ckpt = Checkpointer({str(tmp_path / "w")!r}, keep=2, keep_best=1, metric="eval_loss",
+                            greater_is_better=False)
+        for step in range(1, 7):
+            ckpt.save(step, {{"x": x}}, LoopState())
+            ckpt.save_best(step, {{"x": x}}, 1.0 / step, {{}})
+        ckpt.close()
+        print("saved", ckpt.steps(), ckpt.best_step())
+    """))
+    results = _two_processes([sys.executable, str(script)], timeout=60)
+    _assert_ok(results)
+    assert all("saved [5, 6] 6" in out for _, out in results)
+    for d in ("checkpoints", "best"):
+        assert not [n for n in os.listdir(tmp_path / "w" / d) if "tmp" in n]
+
+
+def test_two_process_run_saves_evaluates_and_resumes(tiny, tmp_path):
+    workdir = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "recipe.py", tiny(**{"train.max_steps": 8, "train.eval_every": 2,
+                                                          "train.save_every": 2, "checkpoint.keep": 4}))
+    argv = [sys.executable, os.path.join(ROOT, "run.py"), "--config", recipe]
+    _assert_ok(_two_processes(argv, timeout=240))
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4", "6", "8"]
+    assert [n for n in os.listdir(workdir / "best") if n.isdigit()]
+    assert not [n for d in ("checkpoints", "best") for n in os.listdir(workdir / d) if "tmp" in n]
+
+    results = _two_processes([*argv, "--config.train.max_steps=10"], timeout=240)
+    _assert_ok(results)
+    assert "resuming from step 8" in results[0][1]
+    steps = [r["step"] for r in read_metrics(workdir) if r.get("loss") is not None]
+    assert steps == list(range(1, 11))
+
+    # One process packs and shuffles all rows itself: the saved position means other batches.
+    alone = subprocess.run([*argv, "--config.train.max_steps=12"], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, timeout=240)
+    assert alone.returncode == 2, alone.stderr[-3000:]
+    assert "the number of processes was 2, now 1" in alone.stderr
