@@ -134,20 +134,16 @@ class Checkpointer:
                     "settings it was written with, or use a new workdir (or train.resume=never with "
                     "train.overwrite=True)."
                 )
-            failure = None
             try:
                 state, loop = self.restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 - any unreadable file means a corrupt checkpoint
-                failure = f"{type(e).__name__}: {str(e)[:200]}"
-            if distributed.global_max(int(failure is not None)):  # every process takes the same path
-                failure = failure or "unreadable on another process"
                 if self.on_corrupt != "fallback":
                     raise UserError(
-                        f"checkpoint {where} is corrupted or unreadable ({failure}); "
+                        f"checkpoint {where} is corrupted or unreadable ({type(e).__name__}: {str(e)[:200]}); "
                         "delete it or set checkpoint.on_corrupt=fallback to resume from the one before."
-                    )
+                    ) from None
                 self._set_aside(step)
-                log(f"warning: checkpoint {where} is unreadable ({failure.split(':')[0]}); moved it to "
+                log(f"warning: checkpoint {where} is unreadable ({type(e).__name__}); moved it to "
                     f"{where}.corrupt and trying the previous one")
                 continue
             self._reconcile_best(step, loop, log)

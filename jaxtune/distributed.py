@@ -20,10 +20,11 @@ _MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_
 
 
 def init() -> None:
-    wanted = any(os.environ.get(v) for v in _MULTIHOST_ENV) or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    count, index = _env_int("JAX_NUM_PROCESSES"), _env_int("JAX_PROCESS_ID")
+    wanted = (any(os.environ.get(v) for v in _MULTIHOST_ENV) or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+              or (count or 1) > 1)  # a process count without a coordinator must not mean N lone runs
     if not wanted or jax.distributed.is_initialized():
         return
-    count, index = _env_int("JAX_NUM_PROCESSES"), _env_int("JAX_PROCESS_ID")
     if (count is None) != (index is None):
         raise UserError("set both JAX_NUM_PROCESSES and JAX_PROCESS_ID, or neither (to let the cluster say them).")
     if count is not None and not 0 <= index < count:
@@ -35,6 +36,8 @@ def init() -> None:
             f"could not start multi-host JAX ({e}); outside SLURM, TPU pods and other clusters JAX detects, "
             "set JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID."
         ) from None
+    except RuntimeError as e:  # JAX was used before this call (a script that touched devices first)
+        raise UserError(f"could not start multi-host JAX: {e}") from None
 
 
 def _env_int(name: str) -> int | None:

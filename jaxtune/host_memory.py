@@ -12,8 +12,9 @@ A tunable is read when the process starts, so `reexec_with_huge_pages()` restart
 current command (same PID, same arguments) with it set; `run.py` and `tools/bench.py` call
 it before anything else. It does nothing where it cannot help: off Linux, under glibc
 older than 2.35, when the kernel's transparent huge pages are `always` (already in use)
-or `never`, and on GPU and TPU hosts (a `/dev/nvidia*` or `/dev/accel*` device, or
-`JAX_PLATFORMS` without `cpu`), where the step's buffers live in device memory.
+or `never`, and on GPU and TPU hosts (`JAX_PLATFORMS` naming another platform first, or,
+when it is unset, a `/dev/nvidia*` or `/dev/accel*` device), where the step's buffers live
+in device memory.
 `JAXTUNE_HOST_MALLOC=system` turns it off.
 """
 
@@ -53,8 +54,8 @@ def _thp_mode() -> str | None:
 
 def _accelerator_host() -> bool:
     platforms = os.environ.get("JAX_PLATFORMS", "")
-    if platforms and "cpu" not in platforms.split(","):
-        return True
+    if platforms:  # JAX takes the first platform it finds, in this order
+        return platforms.split(",")[0].strip() != "cpu"
     return bool(glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/accel[0-9]*"))
 
 

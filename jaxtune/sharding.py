@@ -152,6 +152,11 @@ def activations_on(mesh: Mesh):
         _activation_mesh.reset(token)
 
 
+def activation_mesh() -> Mesh | None:
+    """The mesh of the enclosing `activations_on`, if any."""
+    return _activation_mesh.get()
+
+
 def constrain(x: jax.Array, *spec) -> jax.Array:
     """`x` laid out as `P(*spec)` over the mesh of `activations_on`; unchanged outside it
     (a model called on its own, e.g. from `jaxtune.from_pretrained`)."""

@@ -94,14 +94,14 @@ class DataOrder:
     global_batch_size: int
     seed: int
     rows: int  # training rows used per epoch, over all processes
-    processes: int = 1  # each packs and shuffles its own share; 1 in checkpoints from before the field
+    processes: int | None = None  # each packs and shuffles its own share; unknown in older checkpoints
 
     def changes_from(self, saved: "DataOrder") -> list[str]:
         names = {"global_batch_size": "train.global_batch_size", "seed": "train.seed",
                  "rows": "the number of training rows (data or data settings)",
                  "processes": "the number of processes"}
         return [f"{names[f]} was {getattr(saved, f)}, now {getattr(self, f)}"
-                for f in names if getattr(saved, f) != getattr(self, f)]
+                for f in names if getattr(saved, f) is not None and getattr(saved, f) != getattr(self, f)]
 
 
 @dataclasses.dataclass

@@ -9,6 +9,7 @@ So the result is the same with 1 or N micro-batches, packed or not, on any mesh.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -166,6 +167,7 @@ def make_eval_step(graphdef, settings: StepSettings, mesh: Mesh, param_shardings
 def _traced_on(mesh: Mesh, fn):
     """`fn` traced with its activations pinned to `mesh` (see `sharding.constrain`)."""
 
+    @functools.wraps(fn)
     def traced(*args):
         with sharding.activations_on(mesh):
             return fn(*args)

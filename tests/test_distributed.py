@@ -1,13 +1,17 @@
 """When and how `jaxtune.distributed.init` starts multi-host JAX (the real thing runs in
 test_multiprocess.py)."""
 
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import pytest
 
 from jaxtune import distributed
 from jaxtune.errors import UserError
+from run_helpers import ROOT
 
 ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS",
        "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
@@ -56,11 +60,25 @@ def test_environment_mistakes_are_one_clear_error(calls, monkeypatch, env, messa
     assert calls == []
 
 
-def test_no_cluster_to_fill_in_the_count_is_one_clear_error(monkeypatch):
-    """JAX itself raises a bare ValueError ("Number of processes must be defined.")."""
-    for name in ENV:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1")
-    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
-    with pytest.raises(UserError, match="set JAX_COORDINATOR_ADDRESS .* JAX_NUM_PROCESSES and JAX_PROCESS_ID"):
-        distributed.init()
+def test_a_process_count_without_a_coordinator_is_not_n_lone_runs(calls, monkeypatch):
+    """Each would be process 0 of one and write the same workdir; JAX then asks for the address."""
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    distributed.init()
+    assert calls == [{"num_processes": 2, "process_id": 1}]
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"JAX_COORDINATOR_ADDRESS": "localhost:1"}, "set JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES"),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, "coordinator_address should be defined"),
+])
+def test_what_jax_cannot_start_with_is_one_clear_error(env, message):
+    """JAX itself raises a bare ValueError. In a fresh process: JAX refuses to start multi-host
+    once a backend exists, as one does in this test process."""
+    script = ("from jaxtune import distributed\nfrom jaxtune.errors import UserError\n"
+              "try:\n    distributed.init()\nexcept UserError as e:\n    print('UserError:', e)\n")
+    clean = {k: v for k, v in os.environ.items() if k not in ENV}
+    out = subprocess.run([sys.executable, "-c", script], env={**clean, **env}, capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("UserError: ") and message in out.stdout, out.stdout

@@ -83,8 +83,8 @@ def test_no_restart_where_it_could_loop_or_lose_the_script(case, monkeypatch):
 
 
 @pytest.mark.parametrize("platforms, devices, helps", [
-    ("", [], True), ("cpu", [], True), ("cuda", [], False), ("tpu", [], False), ("cuda,cpu", [], True),
-    ("", ["/dev/nvidia0"], False), ("", ["/dev/accel0"], False),
+    ("", [], True), ("cpu", [], True), ("cuda", [], False), ("tpu", [], False), ("cuda,cpu", [], False),
+    ("", ["/dev/nvidia0"], False), ("", ["/dev/accel0"], False), ("cpu", ["/dev/nvidia0"], True),
 ])
 def test_no_restart_on_gpu_and_tpu_hosts(platforms, devices, helps, monkeypatch):
     """There the step's buffers live in device memory: a restart would only cost a start-up."""

@@ -7,7 +7,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
+import time
 
 import pytest
 
@@ -28,23 +30,31 @@ def _two_processes(argv: list[str], timeout: float) -> list[tuple[int, str]]:
     A hung job is killed with SIGKILL: JAX's preemption notifier catches SIGTERM.
     """
     port = _free_port()
-    procs = []
+    procs, logs = [], []
     for i in range(2):
         env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
                "JAX_PROCESS_ID": str(i), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-        procs.append(subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
-    results = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=timeout)
-            results.append((p.returncode, out))
-    except subprocess.TimeoutExpired:
+        logs.append(tempfile.TemporaryFile("w+"))  # files, not pipes: an unread full pipe would block a process
+        procs.append(subprocess.Popen(argv, env=env, cwd=ROOT, stdout=logs[-1], stderr=subprocess.STDOUT, text=True))
+    deadline = time.monotonic() + timeout
+    hung = False
+    for p in procs:
+        try:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            hung = True
+    if hung:
         for p in procs:
             p.send_signal(signal.SIGKILL)
-        outs = [p.communicate()[0] for p in procs]
+            p.wait()
+    outs = []
+    for log in logs:
+        log.seek(0)
+        outs.append(log.read())
+        log.close()
+    if hung:
         pytest.fail("the 2-process job hung; last output:\n" + "\n---\n".join(o[-3000:] for o in outs))
-    return results
+    return [(p.returncode, out) for p, out in zip(procs, outs)]
 
 
 def _assert_ok(results):
@@ -75,7 +85,7 @@ def test_two_checkpoint_managers_save_the_same_step_in_a_two_process_job(tmp_pat
         ckpt.close()
         print("saved", ckpt.steps(), ckpt.best_step())
     """))
-    results = _two_processes([sys.executable, str(script)], timeout=60)
+    results = _two_processes([sys.executable, str(script)], timeout=120)
     _assert_ok(results)
     assert all("saved [5, 6] 6" in out for _, out in results)
     for d in ("checkpoints", "best"):

@@ -621,5 +621,6 @@ def test_the_batch_order_of_old_checkpoints_and_of_another_process_count():
     from jaxtune.state import DataOrder, LoopState
 
     old = LoopState.from_json({"data_order": {"global_batch_size": 8, "seed": 0, "rows": 1450}})
-    assert old.data_order == DataOrder(8, 0, 1450, 1)  # written before processes were recorded
+    assert old.data_order == DataOrder(8, 0, 1450, None)  # written before processes were recorded: unknown
+    assert DataOrder(8, 0, 1450, 2).changes_from(old.data_order) == []
     assert DataOrder(8, 0, 1450, 1).changes_from(DataOrder(8, 0, 1450, 2)) == ["the number of processes was 2, now 1"]

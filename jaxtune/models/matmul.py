@@ -24,9 +24,15 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxtune.sharding import activation_mesh
+
 
 def cpu_layouts() -> bool:
-    """Whether products are laid out for XLA:CPU (copies that other backends don't need)."""
+    """Whether products are laid out for XLA:CPU (copies that other backends don't need):
+    the devices of the mesh a step is traced for, else JAX's default backend."""
+    mesh = activation_mesh()
+    if mesh is not None:
+        return mesh.devices.flat[0].platform == "cpu"
     return jax.default_backend() == "cpu"
 
 
