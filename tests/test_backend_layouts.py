@@ -64,3 +64,12 @@ def test_float32_compute_is_float32_on_every_backend(ckpt):
     *_, bf16_text = _train(ckpt, rows, compute_dtype="bfloat16")
     assert _dot_precisions(fp32_text) == {"HIGHEST"}
     assert "DEFAULT" in _dot_precisions(bf16_text)
+
+
+def test_layouts_follow_the_devices_a_step_is_traced_for(monkeypatch):
+    """A GPU host can train on a mesh of its CPU devices: XLA:CPU then needs the CPU layouts
+    (the tied-embedding product would otherwise be one XLA:CPU cannot run)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not matmul.cpu_layouts()
+    with sharding.activations_on(sharding.make_mesh(sharding.MeshShape(1, 2, 1), devices=jax.devices()[:2])):
+        assert matmul.cpu_layouts()

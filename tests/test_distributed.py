@@ -82,3 +82,15 @@ def test_what_jax_cannot_start_with_is_one_clear_error(env, message):
                          timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("UserError: ") and message in out.stdout, out.stdout
+
+
+def test_jax_used_before_init_is_one_clear_error(calls, monkeypatch):
+    def used_already(**kw):
+        raise RuntimeError("jax.distributed.initialize() must be called before any JAX calls")
+
+    monkeypatch.setattr(jax.distributed, "initialize", used_already)
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "0")
+    with pytest.raises(UserError, match="could not start multi-host JAX: jax.distributed.initialize"):
+        distributed.init()
