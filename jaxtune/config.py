@@ -286,13 +286,18 @@ def _check_types(config: ml_collections.ConfigDict, reference: ml_collections.Co
 PATH_KEYS = ("workdir", "model.hf_path", "data.tokenizer_path", "data.cache_dir")
 
 
+def _section(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
+    """("a.b.c") -> (config.a.b, "c") for a key known to exist."""
+    *parents, last = key.split(".")
+    for part in parents:
+        config = config[part]
+    return config, last
+
+
 def expand_user_paths(config: ml_collections.ConfigDict) -> None:
     """`~` in the directory keys, as the data file lists already allow (readers expand it)."""
     for key in PATH_KEYS:
-        *parents, last = key.split(".")
-        node = config
-        for part in parents:
-            node = node[part]
+        node, last = _section(config, key)
         if isinstance(node[last], str) and node[last].startswith("~"):
             node[last] = os.path.expanduser(node[last])
 
@@ -301,10 +306,9 @@ def _refuse_urls(config: ml_collections.ConfigDict) -> None:
     """Paths are opened with the local file system: `gs://b/run` would become a local
     directory named `gs:` on every host. Buckets work mounted (gcsfuse, s3fs)."""
     for key in (*PATH_KEYS, "data.train_files", "data.eval_files"):
-        node = config
-        for part in key.split("."):
-            node = node[part]
-        for value in (node if isinstance(node, (tuple, list)) else (node,)):
+        node, last = _section(config, key)
+        values = node[last] if isinstance(node[last], (tuple, list)) else (node[last],)
+        for value in values:
             if isinstance(value, str) and "://" in value:
                 raise UserError(
                     f"{key} {value} is a URL; jaxtune reads and writes local paths only: mount the bucket "

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import os
 
-from jaxtune.errors import UserError
-
 import jax
 import numpy as np
+
+from jaxtune.errors import UserError
 
 _MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
 

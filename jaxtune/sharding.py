@@ -160,7 +160,7 @@ def activation_mesh() -> Mesh | None:
 def constrain(x: jax.Array, *spec) -> jax.Array:
     """`x` laid out as `P(*spec)` over the mesh of `activations_on`; unchanged outside it
     (a model called on its own, e.g. from `jaxtune.from_pretrained`)."""
-    mesh = _activation_mesh.get()
+    mesh = activation_mesh()
     if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))

@@ -13,7 +13,6 @@ import pytest
 
 from jaxtune import sharding
 from helpers import make_hf_llama
-from jaxtune.steps import to_global_batch
 from train_helpers import Trainer, synthetic_rows
 
 ROWS, SEQ, KV_HEADS, HEADS, HEAD_DIM = 16, 32, 2, 4, 12
@@ -30,8 +29,7 @@ def ckpt(tmp_path_factory):
 
 
 def _compiled_dots(trainer):
-    batch = to_global_batch(synthetic_rows(ROWS, SEQ, vocab=160), trainer.mesh, 1)
-    hlo = trainer.train_step.lower(trainer.state, batch).compile().as_text()
+    hlo = trainer.lowered(synthetic_rows(ROWS, SEQ, vocab=160)).compile().as_text()
     return [tuple(int(d) for d in dims.split(",")) for dims in re.findall(r"= f32\[([\d,]+)\]\S* dot\(", hlo)]
 
 
@@ -56,8 +54,7 @@ def test_fsdp_activation_memory_is_the_data_parallel_one(ckpt):
     """fsdp=8 shards parameters on top of what data=8 does; its activations are the same
     per-device share, so its temp memory must not exceed data=8's (it was 2.3x)."""
     def temp(mesh):
-        t = Trainer(ckpt, mesh)
-        batch = to_global_batch(synthetic_rows(ROWS, SEQ, vocab=160), t.mesh, 1)
-        return t.train_step.lower(t.state, batch).compile().memory_analysis().temp_size_in_bytes
+        lowered = Trainer(ckpt, mesh).lowered(synthetic_rows(ROWS, SEQ, vocab=160))
+        return lowered.compile().memory_analysis().temp_size_in_bytes
 
     assert temp(sharding.MeshShape(1, 8, 1)) <= temp(sharding.MeshShape(8, 1, 1))

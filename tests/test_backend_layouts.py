@@ -11,7 +11,6 @@ import pytest
 
 from jaxtune import sharding
 from jaxtune.models import matmul
-from jaxtune.steps import to_global_batch
 from helpers import make_hf_llama
 from train_helpers import Trainer, synthetic_rows
 
@@ -27,7 +26,7 @@ def _train(path, rows, **kw):
     trainer = Trainer(path, sharding.MeshShape(1, 1, 1), **kw)
     metrics = [trainer.step(rows) for _ in range(3)]
     losses = [(float(m["loss"]), float(m["grad_norm"])) for m in metrics]
-    text = trainer.train_step.lower(trainer.state, to_global_batch(rows, trainer.mesh, 1)).as_text()
+    text = trainer.lowered(rows).as_text()
     return losses, trainer.params(), text
 
 

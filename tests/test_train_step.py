@@ -128,10 +128,7 @@ def test_clipping_caps_the_global_norm():
 
 
 def _temp_bytes(trainer, rows):
-    from jaxtune.steps import to_global_batch
-
-    batch = to_global_batch(rows, trainer.mesh, trainer.accum)
-    return trainer.train_step.lower(trainer.state, batch).compile().memory_analysis().temp_size_in_bytes
+    return trainer.lowered(rows).compile().memory_analysis().temp_size_in_bytes
 
 
 def test_remat_changes_no_number_and_lowers_temp_memory(tmp_path):
@@ -161,11 +158,8 @@ def test_step_updates_the_donated_state_in_place(ckpt, mesh, accum):
     and new trees, and XLA then copied Adam's moments every step (temp memory ~1.3x)."""
     import re
 
-    from jaxtune.steps import to_global_batch
-
     trainer = Trainer(ckpt, mesh, accum=accum)
-    batch = to_global_batch(synthetic_rows(16, 32, seed=3), trainer.mesh, trainer.accum)
-    hlo = trainer.train_step.lower(trainer.state, batch).compile().as_text()
+    hlo = trainer.lowered(synthetic_rows(16, 32, seed=3)).compile().as_text()
     entry = hlo[hlo.index("\nENTRY"):]
     arrays = {m.group(1) for m in re.finditer(r"%(\S+) = \w+\[[^\]]+\]\S* parameter\(", entry)}
     assert len(arrays) >= len(jax.tree.leaves(trainer.state.params))  # the pattern finds the state

@@ -14,7 +14,7 @@ from jaxtune.models.hf_io import abstract_model, load_params
 from jaxtune.models.llama import LlamaConfig
 from jaxtune.optim import OptimizerSettings, build_optimizer, lr_schedule
 from jaxtune.state import TrainState
-from jaxtune.steps import StepSettings, make_eval_step, make_train_step, state_shardings
+from jaxtune.steps import StepSettings, make_eval_step, make_train_step, state_shardings, to_global_batch
 
 
 def synthetic_rows(n, seq_len, vocab=128, seed=0, weight_prob=0.7):
@@ -66,10 +66,12 @@ class Trainer:
         self.eval_step = make_eval_step(self.graphdef, self.step_settings, self.mesh, self.shardings.params)
 
     def step(self, rows):
-        from jaxtune.steps import to_global_batch
-
         self.state, metrics = self.train_step(self.state, to_global_batch(rows, self.mesh, self.accum))
         return jax.device_get(metrics)
+
+    def lowered(self, rows):
+        """The train step lowered for `rows` (`.as_text()`, or `.compile()` for XLA's program)."""
+        return self.train_step.lower(self.state, to_global_batch(rows, self.mesh, self.accum))
 
     def params(self):
         return jax.device_get(self.state.params)

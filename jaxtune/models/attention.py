@@ -6,8 +6,9 @@ backward pass.
 - The backward pass recomputes the probabilities from the saved log-sum-exp (as flash
   attention does): no [T, T] scores or probabilities are kept between passes under any
   remat policy (remat `dots` saves the output and log-sum-exp by name, ATTENTION_OUT and
-  ATTENTION_LSE, and recomputes nothing here), and every product is laid out so that XLA:CPU runs it as a fast (bf16-capable)
-  dot, with the two transposed operands materialised (see matmul.py).
+  ATTENTION_LSE, and recomputes nothing here). On CPU every product is laid out so that
+  XLA:CPU runs it as a fast (bf16-capable) dot, with the two transposed operands
+  materialised (see matmul.py); other backends contract them directly.
 Layouts inside: q [B*K, G*tq, H] (GQA: the G query heads of a kv head side by side),
 k and v [B*K, tk, H], scores [B*K, G*tq, tk]; one batch axis made the bf16 block 1.5x
 faster on XLA:CPU than batch axes [B, K].
@@ -44,15 +45,11 @@ def _swap_last(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x.reshape(*lead, a, b, 1), -3, -1).reshape(*lead, b, a)
 
 
-def _bmm(spec, a, b):
-    return product(spec, a, b)
-
-
 def _bmm_keys_first(a, b):
     """[b, q, t] x [b, q, h] -> [b, t, h] (contracting queries, the first axis of `a`)."""
     if matmul.cpu_layouts():  # XLA:CPU runs it fast only from a physically transposed `a`
-        return _bmm("btq,bqh->bth", _swap_last(a), b)
-    return _bmm("bqt,bqh->bth", a, b)
+        return product("btq,bqh->bth", _swap_last(a), b)
+    return product("bqt,bqh->bth", a, b)
 
 
 def _mask(seg_q, seg_k):
@@ -64,7 +61,7 @@ def _mask(seg_q, seg_k):
 
 
 def _scores(q, k, seg_q, seg_k, groups):
-    s = _bmm("bqh,bth->bqt", q, k)  # b = B*K
+    s = product("bqh,bth->bqt", q, k)  # b = B*K
     bk, gq, t = s.shape
     mask = _mask(seg_q, seg_k)
     b = mask.shape[0]
@@ -86,7 +83,7 @@ def _block_fwd(q, k_full, v_full, seg_q, segment_ids, groups, dtype, end):
     s = _scores(q, k, seg_q, segment_ids[:, :end], groups)
     lse = checkpoint_name(jax.nn.logsumexp(s, axis=-1, keepdims=True), ATTENTION_LSE)
     p = jnp.exp(s - lse)
-    out = checkpoint_name(_bmm("bqt,bth->bqh", p.astype(dtype), v).astype(dtype), ATTENTION_OUT)
+    out = checkpoint_name(product("bqt,bth->bqh", p.astype(dtype), v).astype(dtype), ATTENTION_OUT)
     return out, (q, k_full, v_full, seg_q, segment_ids, lse, out)
 
 
@@ -96,10 +93,10 @@ def _block_bwd(groups, dtype, end, residuals, d_out):
     p = jnp.exp(_scores(q, k, seg_q, segment_ids[:, :end], groups) - lse)
     d_out_c = d_out.astype(dtype)
     d_v = _bmm_keys_first(p.astype(dtype), d_out_c)
-    d_p = _bmm("bqh,bth->bqt", d_out_c, v)
+    d_p = product("bqh,bth->bqt", d_out_c, v)
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     d_s = (p * (d_p - delta)).astype(dtype)
-    d_q = _bmm("bqt,bth->bqh", d_s, k)
+    d_q = product("bqt,bth->bqh", d_s, k)
     d_k = _bmm_keys_first(d_s, q)
     rest = [(0, 0), (0, k_full.shape[1] - end), (0, 0)]
     d_k, d_v = jnp.pad(d_k, rest).astype(k_full.dtype), jnp.pad(d_v, rest).astype(v_full.dtype)
