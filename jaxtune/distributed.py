@@ -78,6 +78,14 @@ def global_max(value: int) -> int:
     return int(_gather(value).max())
 
 
+def combined_digest(digest: bytes) -> str:
+    """One hex digest of every process's `digest`, in process order (the same on every process)."""
+    import hashlib
+
+    gathered = _gather(np.frombuffer(digest, np.uint8))
+    return hashlib.sha256(np.ascontiguousarray(gathered, np.uint8).tobytes()).hexdigest()[:32]
+
+
 def any_and_sum(flag: bool, count: int) -> tuple[bool, int]:
     """(any process's flag, the sum of every process's count) in one collective."""
     gathered = _gather(np.asarray([int(bool(flag)), int(count)], np.int64)).reshape(-1, 2)

@@ -95,13 +95,19 @@ class DataOrder:
     seed: int
     rows: int  # training rows used per epoch, over all processes
     processes: int | None = None  # each packs and shuffles its own share; unknown in older checkpoints
+    # A digest of the training rows' content: other data can pack into as many rows (and a
+    # held-out eval record can move into training). None in older checkpoints.
+    train_rows: str | None = None
 
     def changes_from(self, saved: "DataOrder") -> list[str]:
         names = {"global_batch_size": "train.global_batch_size", "seed": "train.seed",
                  "rows": "the number of training rows (data or data settings)",
                  "processes": "the number of processes"}
-        return [f"{names[f]} was {getattr(saved, f)}, now {getattr(self, f)}"
-                for f in names if getattr(saved, f) is not None and getattr(saved, f) != getattr(self, f)]
+        changes = [f"{names[f]} was {getattr(saved, f)}, now {getattr(self, f)}"
+                   for f in names if getattr(saved, f) is not None and getattr(saved, f) != getattr(self, f)]
+        if saved.train_rows is not None and saved.train_rows != self.train_rows:
+            changes.append("the training rows' content differs (data, tokenizer or data settings)")
+        return changes
 
 
 @dataclasses.dataclass

@@ -207,7 +207,8 @@ class _Loop:
             self.step, self.loop = 0, LoopState()
             self.ckpt.discard_best_after(-1)  # left by a run that died before its first checkpoint
             self.state = fresh if fresh is not None else self._fresh_state()
-        data_order = DataOrder(t.global_batch_size, t.seed, self.loader.usable_rows * procs, procs)
+        data_order = DataOrder(t.global_batch_size, t.seed, self.loader.usable_rows * procs, procs,
+                               distributed.combined_digest(data.train.fingerprint()))
         if restored is not None and self.loop.data_order is not None:
             changes = data_order.changes_from(self.loop.data_order)
             if changes:

@@ -86,6 +86,11 @@ CASES = [
      ["t.csv:3", "1 value(s) but the header has 2 columns"]),
     ("csv_short_first_row", csv_text("text,extra\nc\na,b\n"), {"format": "text"}, "plain",
      ["t.csv:2: the row has 1 value(s)"]),
+    # csv's default (strict=False) made the rest of the file one completion: 5 records became 1
+    ("csv_quote_left_open", csv_text('prompt,completion\nhow long?,"5 inches\nq2,a2\nq3,a3\n'), {}, "plain",
+     ["t.csv:", "malformed CSV", "unexpected end of data"]),
+    ("csv_quote_then_text", csv_text('prompt,completion\nq1,a1\nhow long?,"5" inches\nq3,a3\n'), {}, "plain",
+     ["t.csv:3: malformed CSV", "',' expected after '\"'"]),
     ("parquet_unknown_columns", parquet([{"question": "a", "answer": "b"}]), {}, "plain",
      ["t.parquet", "cannot tell the format from its columns (question, answer)"]),
     ("parquet_null_in_row", parquet([ALPACA, {"instruction": "x", "input": "", "output": None}]), {}, "plain",

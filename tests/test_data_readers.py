@@ -148,6 +148,16 @@ def test_csv_locations_are_the_lines_where_rows_start(tmp_path):
     ]
 
 
+def test_an_eval_file_that_a_train_glob_also_matches_is_refused(tmp_path, llama3_dir):
+    """train_files=data/*.jsonl with eval_files=data/eval.jsonl trained on every eval record."""
+    write_jsonl(tmp_path / "train.jsonl", ALPACA)
+    write_jsonl(tmp_path / "eval.jsonl", ALPACA[:1])
+    with pytest.raises(UserError, match=r"eval.jsonl is in both data.train_files and data.eval_files"):
+        rows_of([str(tmp_path / "*.jsonl")], llama3_dir, eval_files=(str(tmp_path / "./eval.jsonl"),))
+    data = rows_of([str(tmp_path / "train.jsonl")], llama3_dir, eval_files=(str(tmp_path / "eval.jsonl"),))
+    assert (data.report.train.records, data.report.eval.records) == (3, 1)
+
+
 def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path):
     path = tmp_path / "t.csv"
     path.write_text("instruction,output,output\nsay hello,hello,bye\n")

@@ -529,6 +529,24 @@ def test_resuming_with_another_order_of_batches_is_refused(reference, tmp_path):
     assert run(make_config(overrides(tmp_path / "run"))).step == 12  # the original settings resume
 
 
+def test_resuming_with_other_data_packed_into_as_many_rows_is_refused(reference, run_assets, tmp_path):
+    """One answer changed, same token count: the rows are as many, but other rows."""
+    overrides, _ = reference
+    train = tmp_path / "train.jsonl"
+    shutil.copy(run_assets.train, train)
+    config = make_config(overrides(tmp_path / "run", data__train_files=(str(train),)))
+    run(config, should_stop=lambda step: step == 4)
+    records = [json.loads(line) for line in train.read_text().splitlines()]
+    changed = next(r for r in records if r["messages"][-1]["content"].isdigit()
+                   and r["messages"][-1]["content"] != r["messages"][-1]["content"][::-1])
+    changed["messages"][-1]["content"] = changed["messages"][-1]["content"][::-1]  # "74" -> "47": as many tokens
+    train.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(UserError, match=re.escape(
+            "checkpoints/4 was written for another order of training batches (the training rows' content differs "
+            "(data, tokenizer or data settings)), so its data position would skip or repeat data")):
+        run(config)
+
+
 def test_the_same_command_after_early_stopping_trains_no_more(reference, tmp_path):
     overrides, _ = reference
     config = make_config(_unstable(overrides, tmp_path / "es", early_stopping__patience=2))
@@ -624,3 +642,4 @@ def test_the_batch_order_of_old_checkpoints_and_of_another_process_count():
     assert old.data_order == DataOrder(8, 0, 1450, None)  # written before processes were recorded: unknown
     assert DataOrder(8, 0, 1450, 2).changes_from(old.data_order) == []
     assert DataOrder(8, 0, 1450, 1).changes_from(DataOrder(8, 0, 1450, 2)) == ["the number of processes was 2, now 1"]
+    assert DataOrder(8, 0, 1450, 2, "ab").changes_from(old.data_order) == []  # content unknown there too

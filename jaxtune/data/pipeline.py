@@ -16,7 +16,7 @@ import numpy as np
 from jaxtune.data import cache
 from jaxtune.data.formats import Sample
 from jaxtune.data.packing import pack
-from jaxtune.data.readers import resolve_files
+from jaxtune.data.readers import refuse_shared_files, resolve_files
 from jaxtune.data.records import BadRecord
 from jaxtune.data.report import DataReport, SplitStats
 from jaxtune.data.rows import Rows
@@ -55,6 +55,7 @@ def prepare_datasets(
         raise UserError("data.train_files must list at least one file, glob or directory.")
     train_files = resolve_files(settings.train_files, "data.train_files")
     eval_files = resolve_files(settings.eval_files, "data.eval_files")
+    refuse_shared_files(train_files, eval_files)
     eos_ids = eos_token_ids(tokenizer, settings.model_path, settings.tokenizer_path)
 
     key_inputs = {

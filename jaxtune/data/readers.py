@@ -33,7 +33,7 @@ class SourceFile:
         if self.kind == "csv":
             with _open_text(self.path) as f:
                 try:
-                    header = next(csv.reader(f), None)
+                    header = next(csv.reader(f, strict=True), None)
                 except (csv.Error, UnicodeDecodeError) as e:
                     raise UserError(f"{self.path}: cannot read the CSV header ({e}).") from None
             return tuple(header or ())
@@ -69,6 +69,17 @@ class SourceFile:
             st = os.stat(p)
             out.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
         return out
+
+
+def refuse_shared_files(train: list[SourceFile], evaluation: list[SourceFile]) -> None:
+    """An eval file that a train glob also matches would be trained on and then evaluated."""
+    train_paths = {os.path.realpath(f.path) for f in train}
+    shared = [f.path for f in evaluation if os.path.realpath(f.path) in train_paths]
+    if shared:
+        raise UserError(
+            f"{shared[0]} is in both data.train_files and data.eval_files, so its records would be trained "
+            "on and then evaluated; narrow the train files (a glob may match it)."
+        )
 
 
 def resolve_files(specs: tuple[str, ...], key: str) -> list[SourceFile]:
@@ -175,7 +186,8 @@ def _read_csv(path: str) -> Iterator[Record | BadRecord]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long texts exceed the 128 KiB default
     try:
         with _open_text(path) as f:
-            reader = csv.reader(f)
+            # strict: a quote left open would otherwise swallow the rows after it into one field
+            reader = csv.reader(f, strict=True)
             header = next(reader, None)
             if header is None:
                 return

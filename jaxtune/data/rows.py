@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import numpy as np
 
@@ -56,6 +57,14 @@ class Rows:
     @staticmethod
     def concatenate(parts: list["Rows"]) -> "Rows":
         return Rows(*(np.concatenate([getattr(p, f) for p in parts]) for f in FIELDS))
+
+    def fingerprint(self) -> bytes:
+        """A digest of the rows' content (targets and positions follow from the rest): the
+        same rows give the same digest wherever the files were copied to. ~1 s per 100M tokens."""
+        h = hashlib.sha256(repr(self.input_ids.shape).encode())
+        for f in ("input_ids", "loss_weights", "segment_ids"):
+            h.update(memoryview(np.ascontiguousarray(getattr(self, f))).cast("B"))
+        return h.digest()
 
     def equals(self, other: "Rows") -> bool:
         return all(np.array_equal(getattr(self, f), getattr(other, f)) for f in FIELDS)
