@@ -87,6 +87,7 @@ class Checkpointer:
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         self.best_directory = os.path.abspath(os.path.join(workdir, "best"))
         self.metric = metric
+        self.greater_is_better = greater_is_better
         self.on_corrupt = on_corrupt
         self.manager = _manager(
             self.directory, keep, {"state": ocp.StandardCheckpointHandler(), "loop": ocp.JsonCheckpointHandler()},
@@ -146,26 +147,38 @@ class Checkpointer:
                 log(f"warning: checkpoint {where} is unreadable ({type(e).__name__}); moved it to "
                     f"{where}.corrupt and trying the previous one")
                 continue
-            self._reconcile_best(step, loop, log)
+            self._reconcile_best(step, state, loop, log)
             return step, state, loop
         return None
 
-    def _reconcile_best(self, step: int, loop: LoopState, log) -> None:
+    def _reconcile_best(self, step: int, state: TrainState, loop: LoopState, log) -> None:
         """Best-model checkpoints written after `step` belong to a timeline that is replayed
         (or, after an anomaly rollback, abandoned) from here, so they are removed, unless the
-        restored best's own files are gone: `keep_best` deleted them when a later best
-        arrived. Those later parameters were evaluated, so they are kept and become the best
-        so far; removing them would leave no best model at all.
+        restored best's own files are gone:
+
+        - `keep_best` deleted it when a later, better evaluation arrived: those later
+          parameters were evaluated, so they are kept and become the best so far; removing
+          them would leave no best model at all;
+        - it is this step's own best model, whose save had not completed when the process
+          died (the two managers write independently): it is saved again from the restored
+          parameters, which are that model.
         """
         self.best_manager.wait_until_finished()
         on_disk = self.best_manager.all_steps()
-        if loop.best.step is None or loop.best.step in on_disk or not on_disk:
+        later = [s for s in on_disk if s > step]
+        if loop.best.step is None or loop.best.step in on_disk:
             self.discard_best_after(step)
-            return
-        best = self.best_step()
-        loop.best.value, loop.best.step = float(self._best_meta(best)["value"]), best
-        log(f"the best model of step {step} was replaced by later ones; keeping best/{best} "
-            f"({self.metric} {loop.best.value:.6g}) as the best so far")
+        elif later:
+            values = {s: float(self._best_meta(s)["value"]) for s in later}
+            best = (max if self.greater_is_better else min)(later, key=values.__getitem__)
+            log(f"the best model of step {loop.best.step} was replaced by later ones; keeping best/{best} "
+                f"({self.metric} {values[best]:.6g}) as the best so far")
+            loop.best.value, loop.best.step = values[best], best
+        elif loop.best.step == step:
+            record = next((r for r in reversed(loop.history) if r.get("step") == step and self.metric in r), {})
+            self.save_best(step, state.params, loop.best.value, {k: v for k, v in record.items() if k != "step"})
+            self.best_manager.wait_until_finished()
+            log(f"the best model of step {step} was not completely saved; saved it again from checkpoint {step}")
 
     def _best_meta(self, step: int) -> dict:
         return self.best_manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
@@ -196,6 +209,12 @@ class Checkpointer:
             os.replace(where, f"{where}.corrupt")
         distributed.barrier(f"checkpoint {step} set aside")  # before any process lists the steps again
         self.manager.reload()
+
+    def discard_after(self, step: int) -> None:
+        """Removes training checkpoints after `step` (a timeline an anomaly rollback abandons)."""
+        self.manager.wait_until_finished()
+        for later in [s for s in self.manager.all_steps() if s > step]:
+            self.manager.delete(later)
 
     def discard_best_after(self, step: int) -> None:
         """Removes best-model checkpoints after `step` (all of them for -1: a fresh start)."""

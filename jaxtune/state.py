@@ -118,6 +118,7 @@ class LoopState:
     best: BestModelState = dataclasses.field(default_factory=BestModelState)
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # metrics.jsonl records
     rollbacks: int = 0
+    rolled_back_to: int | None = None  # the checkpoint step of the last anomaly rollback
     stopped_early: bool = False
     interval: IntervalState = dataclasses.field(default_factory=IntervalState)
     wandb_id: str | None = None  # the W&B run this training run logs to, across restarts

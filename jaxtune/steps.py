@@ -78,6 +78,16 @@ def eval_batch_sharding(mesh: Mesh) -> Batch:
     return Batch(*(s,) * len(BATCH_FIELDS))
 
 
+def abstract_batch(mesh: Mesh, global_rows: int, seq_len: int, accum_steps: int | None) -> Batch:
+    """What `to_global_batch` makes of `global_rows` rows, as shapes with shardings (to compile ahead)."""
+    if accum_steps is None:
+        shape, shardings = (global_rows, seq_len), eval_batch_sharding(mesh)
+    else:
+        shape, shardings = (accum_steps, global_rows // accum_steps, seq_len), train_batch_sharding(mesh)
+    return Batch(*(jax.ShapeDtypeStruct(shape, jnp.float32 if f == "loss_weights" else jnp.int32,
+                                        sharding=getattr(shardings, f)) for f in BATCH_FIELDS))
+
+
 def _loss_sum(graphdef, settings: StepSettings, params, batch: Batch):
     model = nnx.merge(graphdef, params)
     hidden = model.hidden_states(batch.input_ids, batch.positions, batch.segment_ids)

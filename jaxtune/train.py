@@ -33,7 +33,7 @@ from jaxtune.optim import OptimizerSettings, build_optimizer, lr_schedule, num_w
 from jaxtune.preemption import ExitOnSignal, StopRequest
 from jaxtune.state import DataOrder, IntervalState, LoopState, TrainState
 from jaxtune.steps import (
-    StepSettings, fetch_metrics, make_eval_step, make_train_step, state_shardings, to_global_batch,
+    StepSettings, abstract_batch, fetch_metrics, make_eval_step, make_train_step, state_shardings, to_global_batch,
 )
 
 
@@ -243,8 +243,28 @@ class _Loop:
             f"({self.loader.steps_per_epoch} per epoch), warmup {num_warmup_steps(opt_settings, self.total_steps)}"
         )
         self._warn_if_early_stopping_cannot_fire()
+        if c.model.param_dtype == "bfloat16":
+            self.log.message(
+                "warning: model.param_dtype=bfloat16 keeps the weights and Adam's state in bfloat16, where an update "
+                "smaller than ~1/256 of a weight is lost (norm weights near 1 do not move at learning rates below "
+                "~4e-3); float32 weights with model.compute_dtype=bfloat16 train as the HF Trainer's bf16=True does."
+            )
         self.flops_per_token = flops_per_token(self.model_config, c.data.max_seq_len)
         self.peak = peak_flops_per_device(c.model.compute_dtype, c.logging.peak_flops)
+        self._compile_steps()
+
+    def _compile_steps(self) -> None:
+        """Compiles the steps here, where a signal still exits at once: compiled lazily, the
+        first step compiled under the training loop's handler, so Ctrl-C during a long compile
+        waited for it, trained step 1 and saved it. jit reuses these executables."""
+        c, started = self.config, time.perf_counter()
+        seq = c.data.max_seq_len
+        self.train_step.lower(self.state, abstract_batch(self.mesh, c.train.global_batch_size, seq,
+                                                         c.train.grad_accum_steps)).compile()
+        if self.eval_rows is not None:
+            self.eval_step.lower(self.state.params, abstract_batch(self.mesh, self.eval_batch, seq, None)).compile()
+        self.log.message(f"compiled the train{' and eval' if self.eval_rows is not None else ''} steps "
+                         f"in {time.perf_counter() - started:.1f} s")
 
     def _fresh_state(self) -> TrainState:
         c = self.config
@@ -329,6 +349,8 @@ class _Loop:
                 return "early_stopping"
         if s % t.save_every == 0:
             self.ckpt.save(s, self.state, self.loop)
+        if not stop:  # a signal during the evaluation or the save stops here, not a step later
+            stop, _ = self._stop_requested_and_tokens(0)
         if stop:
             self.ckpt.save(s, self.state, self.loop)
             self.ckpt.wait()
@@ -356,19 +378,29 @@ class _Loop:
         return False
 
     def _persistent_anomaly(self, step: int, count: int, position) -> None:
-        """Restores the last checkpoint; data continues with the batch after the bad ones."""
+        """Restores the newest checkpoint from before the bad steps; data continues with the
+        batch after them. A checkpoint saved during the streak holds the state that was already
+        failing, and a second rollback to the same checkpoint means the run does not get past
+        it (a state that keeps failing would otherwise roll back forever)."""
         a = self.config.anomaly
         what = f"{count} consecutive steps were skipped as anomalous (last at step {step})"
         self.ckpt.wait()
-        if a.on_persistent == "stop" or not self.ckpt.steps():
+        before = [s for s in self.ckpt.steps() if s <= step - count]
+        if a.on_persistent == "stop" or not before or before[-1] == self.loop.rolled_back_to:
             self.log.close(plot=False)
-            if not self.ckpt.steps():
-                raise AnomalyStop(f"{what}; stopping: there is no checkpoint to roll back to yet.")
-            raise AnomalyStop(f"{what}; stopping (the last good checkpoint is in {self.ckpt.directory}).")
+            if not before:
+                raise AnomalyStop(f"{what}; stopping: there is no checkpoint from before them to roll back to yet.")
+            if a.on_persistent == "stop":
+                raise AnomalyStop(f"{what}; stopping (the last good checkpoint is in {self.ckpt.directory}).")
+            raise AnomalyStop(f"{what}; stopping: the last rollback went to step {before[-1]} as well, and the run "
+                              f"has not got past it since (that checkpoint is in {self.ckpt.directory}).")
+        self.ckpt.discard_after(before[-1])  # written during the streak: the new timeline saves its own
         self.loader.position = position  # a batch already fetched after the bad ones is used again
-        restored_step, self.state, restored_loop = self.ckpt.restore_latest(self.abstract_state)
+        restored_step, state, restored_loop = self.ckpt.restore_latest(self.abstract_state)
+        self.state = state.replace(consecutive_skipped=state.consecutive_skipped * 0)  # counting starts afresh
         restored_loop.epoch, restored_loop.batch_index = position.epoch, position.batch_index
         restored_loop.rollbacks = self.loop.rollbacks + 1
+        restored_loop.rolled_back_to = restored_step
         restored_loop.history = self.log.history  # the log keeps what happened before the rollback
         self.loop, self.step = restored_loop, restored_step
         self._interval = _Interval(self.loop.interval)

@@ -422,6 +422,100 @@ def test_a_rollback_keeps_a_best_model_that_replaced_the_restored_one(reference,
     assert_trees_equal(params, result.params)  # load_best_at_end returned step 6's parameters
 
 
+def test_a_rollback_skips_checkpoints_saved_during_the_bad_steps(reference, tmp_path, monkeypatch):
+    """Checkpoint 6 is saved between the bad steps 5-7: it holds the failing state and a skip
+    counter of 2, so restoring it undid nothing and the next rollback came after 2 bad steps."""
+    overrides, _ = reference
+    _poison(monkeypatch, {5, 6, 7})
+    result = run(make_config(overrides(tmp_path / "run", train__save_every=2, anomaly__max_consecutive=3)))
+    events = [(r["step"], r["to_step"]) for r in result.history if r.get("event") == "rollback"]
+    assert events == [(7, 4)]
+    assert result.stop_reason == "completed" and result.step == 12 and result.loop.rolled_back_to == 4
+    lines = {r["step"]: r for r in result.history if "loss" in r}
+    assert all(lines[s]["skipped"] == 0 for s in range(8, 13))  # the new timeline's steps 5-12, all applied
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["10", "12"]
+
+
+def test_a_second_rollback_to_the_same_checkpoint_stops_the_run(reference, tmp_path, monkeypatch):
+    """Every batch from the 5th on is bad: rolling back to step 4 again and again never ended."""
+    overrides, _ = reference
+    _poison(monkeypatch, set(range(5, 100)))
+    with pytest.raises(AnomalyStop, match=r"last at step 7\); stopping: the last rollback went to step 4 as well"):
+        run(make_config(overrides(tmp_path / "run", train__save_every=2, anomaly__max_consecutive=3)))
+    history = read_metrics(tmp_path / "run")
+    assert [(r["step"], r["to_step"]) for r in history if r.get("event") == "rollback"] == [(7, 4)]
+
+
+def test_a_best_model_whose_save_did_not_complete_is_saved_again_on_resume(reference, tmp_path, monkeypatch):
+    """checkpoints/8 committed, best/8 not (the two managers write independently): the resume
+    adopted best/4 or, with nothing left in best/, failed at load_best_at_end every time."""
+    overrides, _ = reference
+    original = jaxtune.train.evaluate
+    losses = {4: 5.0, 8: 3.0, 12: 4.0}
+    holder = {}
+
+    def evaluate(*args):
+        return dataclasses.replace(original(*args), loss=losses[holder["loop"].step])
+
+    monkeypatch.setattr(jaxtune.train, "evaluate", evaluate)
+    init = jaxtune.train._Loop.__init__
+
+    def remember(self, *args):
+        holder["loop"] = self
+        init(self, *args)
+
+    monkeypatch.setattr(jaxtune.train._Loop, "__init__", remember)
+    whole = run(make_config(overrides(tmp_path / "whole", train__load_best_at_end=True)))
+    config = make_config(overrides(tmp_path / "run", train__load_best_at_end=True))
+    run(config, should_stop=lambda step: step == 8)
+    shutil.rmtree(tmp_path / "run" / "best" / "8")
+    result = run(config)
+    assert (result.loop.best.step, result.loop.best.value) == (8, 3.0)
+    assert sorted(os.listdir(tmp_path / "run" / "best")) == ["8"]
+    assert_trees_equal(result.params, whole.params)  # load_best_at_end: step 8's parameters, as uninterrupted
+
+
+def test_a_signal_during_an_evaluation_stops_at_that_step(reference, tmp_path, monkeypatch):
+    overrides, _ = reference
+    original = jaxtune.train.evaluate
+
+    def evaluate(*args):
+        result = original(*args)
+        os.kill(os.getpid(), signal.SIGTERM)  # as a preemption notice arriving mid-evaluation
+        return result
+
+    monkeypatch.setattr(jaxtune.train, "evaluate", evaluate)
+    result = run(make_config(overrides(tmp_path / "run", train__save_every=100)))
+    assert result.stop_reason == "preempted" and result.step == 4  # not one more step and checkpoint
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["4"]
+
+
+SIGNAL_WHILE_COMPILING = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import jaxtune.train
+from jaxtune.config import load_recipe
+compile_steps = jaxtune.train._Loop._compile_steps
+def interrupted(self):
+    os.kill(os.getpid(), signal.SIGINT)  # handled once the compilation returns to Python
+    compile_steps(self)
+jaxtune.train._Loop._compile_steps = interrupted
+jaxtune.train.run(load_recipe({recipe!r}))
+"""
+
+
+def test_ctrl_c_during_compilation_exits_without_training(reference, tmp_path):
+    """Compiled lazily, the first step compiled under the loop's handler: Ctrl-C waited for
+    it, trained step 1, saved it and exited 0."""
+    overrides, _ = reference
+    recipe = write_recipe(tmp_path / "recipe.py", overrides(tmp_path / "run"))
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_WHILE_COMPILING.format(root=ROOT, recipe=recipe)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr[-2000:]
+    assert "SIGINT received before training started: exiting" in proc.stderr
+    assert not os.path.exists(tmp_path / "run" / "checkpoints") or not os.listdir(tmp_path / "run" / "checkpoints")
+
+
 def test_the_same_command_after_a_completed_run_changes_nothing(reference, tmp_path):
     overrides, _ = reference
     # The last step is a save step but not an eval step: the final eval comes after the periodic save.

@@ -319,7 +319,7 @@ def test_learning_rate_schedule_reaches_the_optimizer(tiny):
     assert lrs == pytest.approx(expected, rel=1e-6)
 
 
-def test_param_dtype_epochs_and_seed(tiny, tmp_path):
+def test_param_dtype_epochs_and_seed(tiny, tmp_path, capsys):
     # train.eval_batch_size: test_config_wiring.py::test_eval_batch_size_sets_the_rows_of_every_eval_batch
     import jax.numpy as jnp
 
@@ -327,12 +327,15 @@ def test_param_dtype_epochs_and_seed(tiny, tmp_path):
                                 train__eval_every=0)))
     assert half.step == 13  # ceil(0.5 x 25 batches per epoch)
     assert {x.dtype for x in jax_leaves(half.params)} == {jnp.dtype(jnp.bfloat16)}
+    # bfloat16 rounds small updates away (a norm weight of 1 moves in steps of 2^-7): said at the start
+    assert "warning: model.param_dtype=bfloat16 keeps the weights and Adam's state in bfloat16" in capsys.readouterr().out
     first = {}
     for seed in (0, 1):
         r = run(make_config(tiny(workdir=tmp_path / f"seed{seed}", train__seed=seed, train__max_steps=1,
                                  train__eval_every=0, data__eval_files=(), data__eval_fraction=0.0)))
         first[seed] = r.history
     assert first[0][0]["loss"] != first[1][0]["loss"]  # another shuffle, other batches
+    assert "model.param_dtype=bfloat16" not in capsys.readouterr().out  # float32 weights: no warning
 
 
 def jax_leaves(tree):
