@@ -223,3 +223,19 @@ def test_the_check_holds_out_eval_and_shows_samples_as_training_will(tmp_path, p
     assert len(shown) == report.train.records
     assert notes[f"{data}:1"].startswith("truncated from")  # seed 3 keeps the long record in train
     assert sum(note == "" for note in notes.values()) == len(notes) - 1
+
+
+def test_show_renders_a_sample_of_no_tokens(plain_dir):
+    """A template that renders a record as nothing gave an IndexError in --show."""
+    import numpy as np
+
+    from jaxtune.data.quality import render_sample
+    from jaxtune.data.records import Location
+    from jaxtune.data.tokenize import TokenizedSample
+
+    tok = load_tokenizer(plain_dir)
+    empty = TokenizedSample(Location("d.jsonl", line=1), np.zeros(0, np.int32), np.zeros(0, bool))
+    assert render_sample(tok, empty) == ""
+    ids = np.asarray(tok("hello world", add_special_tokens=False)["input_ids"], np.int32)
+    one = TokenizedSample(Location("d.jsonl", line=2), ids, np.ones(len(ids), bool))
+    assert render_sample(tok, one).endswith("]]")  # trained tokens after the first are marked

@@ -389,6 +389,8 @@ def render_sample(tokenizer, sample: TokenizedSample, color: bool = False) -> st
     """The sample's text with trained tokens marked: [[...]] or, on a terminal, green."""
     out = []
     mask = sample.mask.tolist()
+    if not mask:  # a template that renders a record as nothing
+        return ""
     mask[0] = False  # the first token is never a target
     start = 0
     for t in range(1, len(mask) + 1):
