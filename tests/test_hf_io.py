@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +36,8 @@ def test_round_trip_through_transformers(tmp_path):
 
 
 def test_saving_over_earlier_weights_is_refused_unless_overwrite(tmp_path):
-    """An earlier sharded save left in place would be read by jaxtune (it prefers the index)
-    while transformers reads the new model.safetensors: two different models, no warning."""
+    """An earlier save's files left in place could be read instead of the new ones (by jaxtune
+    or by transformers): two different models, no warning."""
     make_hf_llama(tmp_path / "src", num_key_value_heads=2)
     model = jaxtune.from_pretrained(tmp_path / "src")
     state = nnx.as_pure(nnx.split(model)[1])
@@ -151,3 +152,36 @@ def test_a_config_without_eos_writes_none_not_an_empty_list():
     config = LlamaConfig.from_hf_dict({**TINY, "eos_token_id": None})
     assert config.eos_token_id == () and config.to_hf_dict()["eos_token_id"] is None
     assert LlamaConfig.from_hf_dict(config.to_hf_dict()).eos_token_id == ()
+    assert LlamaConfig.from_hf_dict(TINY).bos_token_id == 1  # absent: transformers' default, not null
+
+
+def test_a_directory_with_one_file_and_an_index_loads_what_transformers_loads(tmp_path):
+    """transformers' own sharded save into a directory that held model.safetensors leaves both;
+    jaxtune read the index and transformers the single file: two models, no warning."""
+    make_hf_llama(tmp_path / "src", num_key_value_heads=2)
+    make_hf_llama(tmp_path / "other", seed=1, num_key_value_heads=2, max_shard_size="20KB")
+    for name in os.listdir(tmp_path / "other"):
+        if name.startswith("model-") or name.endswith(".index.json"):
+            shutil.copy(tmp_path / "other" / name, tmp_path / "src" / name)
+    ids = np.random.RandomState(0).randint(0, 128, (2, 24))
+    theirs = torch_logits(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "src").eval(), ids)
+    assert_close_scaled(jaxtune.from_pretrained(tmp_path / "src")(jnp.asarray(ids)), theirs)
+    assert not np.allclose(theirs, torch_logits(transformers.LlamaForCausalLM.from_pretrained(
+        tmp_path / "other").eval(), ids), atol=1e-3)  # the two are different models
+
+
+def test_save_pretrained_fetches_one_layer_at_a_time(tmp_path, monkeypatch):
+    """It fetched each whole [layers, ...] parameter (and made a bfloat16 copy of it): for a
+    70B model's MLP, 70 GiB of host memory where the shards are 5 GiB."""
+    make_hf_llama(tmp_path / "src", num_hidden_layers=4)
+    model = jaxtune.from_pretrained(tmp_path / "src")
+    fetched = []
+    device_get = jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda x: fetched.append(np.size(x)) or device_get(x))
+    jaxtune.save_pretrained(model, model.config, tmp_path / "out", dtype="bfloat16")
+    largest_tensor = max(TINY["vocab_size"] * TINY["hidden_size"], TINY["hidden_size"] * TINY["intermediate_size"])
+    assert fetched and max(fetched) <= largest_tensor
+    ids = np.random.RandomState(0).randint(0, 128, (2, 24))
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out", dtype="float32").eval()
+    assert_close_scaled(jaxtune.from_pretrained(tmp_path / "out")(jnp.asarray(ids)), torch_logits(reloaded, ids))
+

@@ -92,6 +92,26 @@ def test_two_checkpoint_managers_save_the_same_step_in_a_two_process_job(tmp_pat
         assert not [n for n in os.listdir(tmp_path / "w" / d) if "tmp" in n]
 
 
+def test_from_pretrained_without_a_sharding_works_on_every_process(run_assets, tmp_path):
+    """The default placement was jax.devices()[0], process 0's device: every other process
+    failed with JAX's "the Array has no addressable shards"."""
+    script = tmp_path / "load.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {ROOT!r})
+        from jaxtune import distributed
+        distributed.init()
+        import jax.numpy as jnp
+        import jaxtune
+        model = jaxtune.from_pretrained({str(run_assets.model)!r})
+        print("logits", float(model(jnp.array([[1, 2, 3, 4]])).sum()))
+    """))
+    results = _two_processes([sys.executable, str(script)], timeout=120)
+    _assert_ok(results)
+    lines = [[line for line in out.splitlines() if line.startswith("logits")] for _, out in results]
+    assert len(lines[0]) == 1 and lines[0] == lines[1]
+
+
 def test_two_process_run_saves_evaluates_and_resumes(tiny, tmp_path):
     workdir = tmp_path / "run"
     recipe = write_recipe(tmp_path / "recipe.py", tiny(**{"train.max_steps": 8, "train.eval_every": 2,

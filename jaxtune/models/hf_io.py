@@ -103,15 +103,16 @@ class SafetensorsReader:
         self.path = str(path)
         index = os.path.join(self.path, SAFETENSORS_INDEX)
         single = os.path.join(self.path, SAFETENSORS_FILE)
-        if os.path.isfile(index):
+        if os.path.isfile(single):  # before the index, as transformers: a sharded save into a
+            # directory that held one file leaves both, and both readers must load the same weights
+            with _safe_open(single) as f:
+                self.file_of = {name: single for name in f.keys()}
+        elif os.path.isfile(index):
             weight_map = _read_weight_map(index)
             self.file_of = {name: os.path.join(self.path, file) for name, file in weight_map.items()}
             for file in set(self.file_of.values()):
                 if not os.path.isfile(file):
                     raise UserError(f"{index} lists {os.path.basename(file)}, which does not exist.")
-        elif os.path.isfile(single):
-            with _safe_open(single) as f:
-                self.file_of = {name: single for name in f.keys()}
         elif any(os.path.exists(os.path.join(self.path, p)) for p in PICKLE_FILES):
             if not allow_pickle:
                 raise UserError(
@@ -308,7 +309,7 @@ def load_params(
     """Loads Hugging Face weights into a pure state shaped like `abstract_state`."""
     reader = SafetensorsReader(path, allow_pickle=allow_pickle)
     maps = tensor_maps(config)
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's, on every process
     leaves = {}
     try:
         used = _check_layout(reader, abstract_state, config)
@@ -356,14 +357,14 @@ def iter_hf_tensors(params, config: LlamaConfig, dtype=None) -> Iterator[tuple[s
     maps = tensor_maps(config)
     for param_path, leaf in _param_leaves(params):
         tmap = maps[param_path]
-        full = np.asarray(jax.device_get(leaf))
-        if dtype is not None:
-            full = full.astype(dtype, copy=False)
-        if tmap.stacked:
-            for layer in range(full.shape[0]):
-                yield tmap.hf_name.format(layer=layer), np.ascontiguousarray(tmap.to_hf(full[layer]))
-        else:
-            yield tmap.hf_name, np.ascontiguousarray(tmap.to_hf(full))
+        # A layer at a time: the whole [L, ...] stack of a 70B model's MLP is 70 GiB in float32.
+        parts = ([(tmap.hf_name.format(layer=i), leaf[i]) for i in range(leaf.shape[0])] if tmap.stacked
+                 else [(tmap.hf_name, leaf)])
+        for name, part in parts:
+            host = np.asarray(jax.device_get(part))
+            if dtype is not None:
+                host = host.astype(dtype, copy=False)
+            yield name, np.ascontiguousarray(tmap.to_hf(host))
 
 
 _NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}

@@ -151,7 +151,7 @@ class LlamaConfig:
                 attention_bias=bool(d.get("attention_bias", False)),
                 mlp_bias=bool(d.get("mlp_bias", False)),
                 initializer_range=float(d.get("initializer_range", 0.02)),
-                bos_token_id=d.get("bos_token_id"),
+                bos_token_id=d.get("bos_token_id", 1),  # transformers' default when absent
                 eos_token_id=eos,
                 pad_token_id=d.get("pad_token_id"),
                 dtype=d.get("dtype") or d.get("torch_dtype"),
