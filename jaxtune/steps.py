@@ -107,14 +107,17 @@ def make_train_step(graphdef, optimizer, schedule: Callable, settings: StepSetti
             grad_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_acc, grads)
             return (loss_acc + loss, grad_acc), None
 
-        # The first micro-batch starts the sums: no zero-filled accumulator to add into
-        # (with one micro-batch, the common case, there is no accumulation at all).
-        first = jax.tree.map(lambda x: x[0], batch)
-        loss_sum, grads = grad_fn(state.params, first)
-        grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
-        if batch.input_ids.shape[0] > 1:
-            rest = jax.tree.map(lambda x: x[1:], batch)
-            (loss_sum, grads), _ = jax.lax.scan(micro, (loss_sum, grads), rest)
+        if batch.input_ids.shape[0] == 1:  # the common case: no accumulator at all
+            loss_sum, grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], batch))
+            grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        else:
+            # One loop over every micro-batch from zeros (exact: 0 + g is g). Starting the sums
+            # with the first micro-batch outside the loop left a one-step loop at 2 micro-batches,
+            # which XLA inlined: two forward and backward passes in the program, more memory than
+            # the whole batch at once.
+            zeros = jax.tree.map(lambda p, sh: jax.lax.with_sharding_constraint(jnp.zeros(p.shape, jnp.float32), sh),
+                                 state.params, shardings.params)
+            (loss_sum, grads), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros), batch)
         tokens = jnp.sum(batch.loss_weights.astype(jnp.float32))
         denom = jnp.maximum(tokens, 1.0)
         loss = loss_sum / denom

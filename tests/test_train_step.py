@@ -131,6 +131,18 @@ def _temp_bytes(trainer, rows):
     return trainer.lowered(rows).compile().memory_analysis().temp_size_in_bytes
 
 
+def test_accumulating_two_micro_batches_costs_no_more_memory_than_three(tmp_path):
+    """The first micro-batch ran outside the loop; with one more the loop was inlined and the
+    step held two forward and backward passes: more memory than accumulating over 3 (and, on
+    the Llama 3 8B shapes, than the whole batch at once)."""
+    make_hf_llama(tmp_path, num_key_value_heads=2, num_hidden_layers=4, intermediate_size=256)
+    micro = 2
+    temp = {accum: _temp_bytes(Trainer(tmp_path, accum=accum, remat="dots"), synthetic_rows(micro * accum, 128))
+            for accum in (1, 2, 3)}
+    assert temp[2] <= temp[3] * 1.02, temp
+    assert temp[2] < 1.6 * temp[1], temp  # one accumulator on top of one micro-batch's work
+
+
 def test_remat_changes_no_number_and_lowers_temp_memory(tmp_path):
     make_hf_llama(tmp_path, num_key_value_heads=2, num_hidden_layers=4, intermediate_size=256)
     rows = synthetic_rows(4, 128, seed=7)
