@@ -98,14 +98,26 @@ def param_spec(path) -> P:
 def check_divisible(path, shape, spec: P, mesh: Mesh) -> None:
     if len(spec) != len(shape):
         raise RuntimeError(f"partition rule for {path_str(path)} has rank {len(spec)}, parameter has {len(shape)}")
-    for dim, axis in zip(shape, spec):
+    for index, (dim, axis) in enumerate(zip(shape, spec)):
         axes = (axis,) if isinstance(axis, str) else (axis or ())
         size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
         if dim % size:
+            over = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)
             raise UserError(
-                f"parameter {path_str(path)} of shape {tuple(shape)} cannot be split {size} ways over "
-                f"mesh axis {'x'.join(axes)}; choose mesh sizes that divide it."
+                f"dimension {index} (size {dim}) of parameter {path_str(path)}, shape {tuple(shape)}, cannot be "
+                f"split {size} ways over {over}; choose mesh sizes that divide it."
             )
+
+
+def check_rows_per_process(mesh: Mesh, processes: int) -> None:
+    """Each process feeds the rows of its own devices (`to_global_batch`), so the batch's
+    device groups must not be shared between processes: tensor parallelism within a host."""
+    dp = data_parallel_size(mesh)
+    if dp % processes:
+        raise UserError(
+            f"mesh.data x mesh.fsdp = {dp} must be a multiple of the {processes} processes: each process feeds "
+            "its own rows, so mesh.tensor must not span processes (keep it within a host)."
+        )
 
 
 def param_sharding_fn(mesh: Mesh):

@@ -146,6 +146,7 @@ class _Loop:
         self.model_config = LlamaConfig.from_pretrained(c.model.hf_path)
         self.mesh = sharding.make_mesh(sharding.MeshShape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor))
         dp, procs = sharding.data_parallel_size(self.mesh), jax.process_count()
+        sharding.check_rows_per_process(self.mesh, procs)
         micro = t.global_batch_size // t.grad_accum_steps
         self.eval_batch = t.eval_batch_size or micro
         for name, rows in (("train.global_batch_size / train.grad_accum_steps", micro),

@@ -97,8 +97,20 @@ def test_load_straight_into_shardings(checkpoint):
 def test_unshardable_parameter_is_a_user_error(checkpoint):
     path, _ = checkpoint
     mesh = sharding.make_mesh(sharding.MeshShape(data=1, fsdp=1, tensor=8))  # 2 kv heads, 8-way split
-    with pytest.raises(jaxtune.errors.UserError, match="cannot be split 8 ways"):
+    with pytest.raises(jaxtune.errors.UserError, match=r"dimension 2 \(size 2\) of parameter "
+                       r"layers/self_attn/k_proj/kernel, shape .*, cannot be split 8 ways over mesh.tensor=8"):
         jaxtune.from_pretrained(path, sharding_fn=sharding.param_sharding_fn(mesh))
+
+
+def test_tensor_parallelism_across_processes_is_refused():
+    """Processes that share a batch shard would each feed other rows to it: JAX's raw
+    "Invalid host data" at the first step, after data and weights had loaded."""
+    mesh = sharding.make_mesh(sharding.MeshShape(data=1, fsdp=2, tensor=4))
+    with pytest.raises(jaxtune.errors.UserError, match=r"mesh.data x mesh.fsdp = 2 must be a multiple of the 4 "
+                       "processes: each process feeds its own rows, so mesh.tensor must not span processes"):
+        sharding.check_rows_per_process(mesh, 4)
+    sharding.check_rows_per_process(mesh, 2)  # 2 processes of 4 devices: tensor within each
+    sharding.check_rows_per_process(mesh, 1)
 
 
 def test_every_parameter_matches_exactly_one_rule():
