@@ -20,6 +20,7 @@ def main(argv):
         from jaxtune.config import parse_args
 
         config = parse_args(argv, DEFAULT_CONFIG)
+        from jaxtune import distributed
         from jaxtune.train import run
 
         result = run(config)
@@ -29,7 +30,8 @@ def main(argv):
         summary = f"done: {result.step} steps ({result.stop_reason})"
         if last_eval:
             summary += f"; eval_loss {last_eval['eval_loss']:.4f}, eval_accuracy {last_eval['eval_accuracy']:.3f}"
-        print(summary + f"; outputs in {result.workdir}")
+        if distributed.is_main():  # only process 0 prints
+            print(summary + f"; outputs in {result.workdir}")
     return 0
 
 

@@ -112,13 +112,20 @@ def defaults() -> ml_collections.ConfigDict:
 
 # ---- Loading -------------------------------------------------------------------------------
 def load_recipe(path: str) -> ml_collections.ConfigDict:
+    if os.path.isdir(path):
+        raise UserError(f"config file {path} is a directory; name a recipe in it (e.g. {path.rstrip('/')}/demo.py).")
     if not os.path.isfile(path):
         raise UserError(f"config file {path} does not exist.")
     spec = importlib.util.spec_from_file_location("jaxtune_recipe", path)
     if spec is None or not path.endswith(".py"):
         raise UserError(f"config file {path} is not a Python recipe (a .py file with get_config()).")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise UserError(f"config file {path}:{e.lineno}: syntax error ({e.msg}).") from None
+    except Exception as e:  # noqa: BLE001 - the recipe's own code failed (a NameError, an import)
+        raise UserError(f"config file {path} failed to load: {type(e).__name__}: {e}.") from None
     if not hasattr(module, "get_config"):
         raise UserError(f"config file {path} has no get_config() function.")
     try:
@@ -127,6 +134,10 @@ def load_recipe(path: str) -> ml_collections.ConfigDict:
         raise UserError(f"config file {path}: {_unknown_key_message(e)}") from None
     except TypeError as e:  # ml_collections refuses a value of the wrong type
         raise UserError(f"config file {path}: {e}") from None
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the recipe's own code failed (a NameError, a bad file read)
+        raise UserError(f"config file {path}: get_config() failed: {type(e).__name__}: {e}.") from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise UserError(f"config file {path}: get_config() must return an ml_collections.ConfigDict.")
     return config
@@ -164,6 +175,8 @@ def _parse_value(key: str, text: str, declared: type):
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         value = text
+    if isinstance(value, bool) and declared in (int, float):  # ml_collections would take True as 1
+        raise UserError(f"--config.{key} expects a value of type {declared.__name__}, got {text!r}.")
     if declared is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     return value
@@ -206,7 +219,7 @@ def parse_args(argv: Sequence[str], default_config: str) -> ml_collections.Confi
             raise UserError(f"unexpected argument {arg!r}; use --config PATH and --config.KEY=VALUE.")
         name, eq, value = arg[2:].partition("=")
         if not eq:
-            if i + 1 >= len(args):
+            if i + 1 >= len(args) or args[i + 1].startswith("--config"):  # not the next option as its value
                 raise UserError(f"--{name} needs a value.")
             value = args[i + 1]
             i += 1
@@ -284,6 +297,7 @@ def _check_types(config: ml_collections.ConfigDict, reference: ml_collections.Co
 
 
 PATH_KEYS = ("workdir", "model.hf_path", "data.tokenizer_path", "data.cache_dir")
+MAX_STEPS = 2**31  # the step counters and the schedule's count are int32
 
 
 def _section(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
@@ -296,6 +310,7 @@ def _section(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collection
 
 def expand_user_paths(config: ml_collections.ConfigDict) -> None:
     """`~` in the directory keys, as the data file lists already allow (readers expand it)."""
+    _check_types(config, defaults())  # a recipe that dropped a section: one line, not a KeyError here
     for key in PATH_KEYS:
         node, last = _section(config, key)
         if isinstance(node[last], str) and node[last].startswith("~"):
@@ -359,6 +374,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     if t.max_steps == 0 or t.max_steps < -1:
         raise UserError("train.max_steps must be positive, or -1 to train for train.num_epochs.")
+    if t.max_steps >= MAX_STEPS:
+        raise UserError(f"train.max_steps must be below 2**31 (the step counters are int32), got {t.max_steps}.")
     if t.max_steps == -1 and t.num_epochs <= 0:
         raise UserError("train.num_epochs must be positive when train.max_steps is -1.")
     if t.log_every < 1:
@@ -368,6 +385,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if t.eval_batch_size < 0:
         raise UserError("train.eval_batch_size must be >= 0.")
     _choice(t.resume, ("auto", "never"), "train.resume")
+    if t.overwrite and t.resume != "never":
+        raise UserError("train.overwrite=True only applies with train.resume=never (it deletes a previous run's "
+                        "outputs); with train.resume=auto a run continues from them.")
 
     if o.lr <= 0:
         raise UserError(f"optimizer.lr must be positive, got {o.lr}.")

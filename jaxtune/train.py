@@ -22,7 +22,7 @@ from flax import nnx
 
 from jaxtune import distributed, sharding
 from jaxtune.checkpoint import Checkpointer
-from jaxtune.config import expand_user_paths, has_eval_data, metric_greater_is_better, validate
+from jaxtune.config import MAX_STEPS, expand_user_paths, has_eval_data, metric_greater_is_better, validate
 from jaxtune.errors import UserError
 from jaxtune.evaluate import EvalResult, evaluate
 from jaxtune.flops import flops_per_token, peak_flops_per_device
@@ -180,6 +180,9 @@ class _Loop:
         self.loader = BatchLoader(data.train, t.global_batch_size // procs, t.seed,
                                   usable_rows=distributed.global_min(len(data.train)))
         self.total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_epochs * self.loader.steps_per_epoch)
+        if self.total_steps >= MAX_STEPS:
+            raise UserError(f"train.num_epochs={t.num_epochs} makes {self.total_steps:,} steps; the step counters "
+                            "are int32, so it must be below 2**31.")
 
         # Optimizer, state (resumed or fresh), compiled steps.
         opt_settings = OptimizerSettings.from_config(c.optimizer)
@@ -218,6 +221,14 @@ class _Loop:
                     f"of training batches ({'; '.join(changes)}), so its data position would skip or repeat data; "
                     "resume with the settings it was written with, or use a new workdir."
                 )
+        saved_metric = self.loop.best.metric
+        if restored is not None and saved_metric is not None and saved_metric != c.checkpoint.metric:
+            raise UserError(
+                f"checkpoint {os.path.join(self.ckpt.directory, str(self.step))} chose its best model by {saved_metric}, "
+                f"now checkpoint.metric={c.checkpoint.metric}; resume with checkpoint.metric={saved_metric}, or use a "
+                "new workdir."
+            )
+        self.loop.best.metric = c.checkpoint.metric
         self.loop.data_order = data_order
         self.loader.position = LoaderPosition(self.loop.epoch, self.loop.batch_index)
         step_settings = StepSettings(

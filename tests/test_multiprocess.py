@@ -117,7 +117,9 @@ def test_two_process_run_saves_evaluates_and_resumes(tiny, tmp_path):
     recipe = write_recipe(tmp_path / "recipe.py", tiny(**{"train.max_steps": 8, "train.eval_every": 2,
                                                           "train.save_every": 2, "checkpoint.keep": 4}))
     argv = [sys.executable, os.path.join(ROOT, "run.py"), "--config", recipe]
-    _assert_ok(_two_processes(argv, timeout=240))
+    first = _two_processes(argv, timeout=240)
+    _assert_ok(first)
+    assert "done: 8 steps" in first[0][1] and "done:" not in first[1][1]  # only process 0 prints
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4", "6", "8"]
     assert [n for n in os.listdir(workdir / "best") if n.isdigit()]
     assert not [n for d in ("checkpoints", "best") for n in os.listdir(workdir / d) if "tmp" in n]

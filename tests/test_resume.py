@@ -641,6 +641,17 @@ def test_resuming_with_other_data_packed_into_as_many_rows_is_refused(reference,
         run(config)
 
 
+def test_resuming_with_another_best_model_metric_is_refused(reference, tmp_path):
+    """The saved best value is an eval_loss: compared with accuracies, the run trained to the
+    end and then failed with a KeyError restoring the best model."""
+    overrides, _ = reference
+    run(make_config(overrides(tmp_path / "run")), should_stop=lambda step: step == 4)
+    with pytest.raises(UserError, match=re.escape(
+            "checkpoints/4 chose its best model by eval_loss, now checkpoint.metric=eval_accuracy; resume with "
+            "checkpoint.metric=eval_loss, or use a new workdir.")):
+        run(make_config(overrides(tmp_path / "run", checkpoint__metric="eval_accuracy")))
+
+
 def test_the_same_command_after_early_stopping_trains_no_more(reference, tmp_path):
     overrides, _ = reference
     config = make_config(_unstable(overrides, tmp_path / "es", early_stopping__patience=2))

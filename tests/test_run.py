@@ -51,6 +51,44 @@ def test_config_errors_are_one_line_before_any_work(args, message, tmp_path):
 
 
 @pytest.mark.parametrize(
+    "args, message",
+    [
+        # the next option was taken as the value: a workdir named "--config.train.max_steps=2"
+        (["--config.workdir", "--config.train.max_steps=2"], "--config.workdir needs a value"),
+        (["--config.optimizer.lr=True"], "--config.optimizer.lr expects a value of type float, got 'True'"),  # was 1.0
+        (["--config.train.max_steps=True"], "--config.train.max_steps expects a value of type int, got 'True'"),
+        (["--config.train.overwrite=True"], "train.overwrite=True only applies with train.resume=never"),
+        (["--config.train.max_steps=3000000000"], "train.max_steps must be below 2**31"),  # an OverflowError, late
+        (["--config", "configs"], "config file configs is a directory"),
+    ],
+)
+def test_more_command_line_mistakes_are_one_clear_error(args, message):
+    from jaxtune.config import parse_args
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_args(args, os.path.join(ROOT, "configs", "demo.py"))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("def get_config(:\n    pass\n", ":1: syntax error"),
+        ("import no_such_module_here\n", "failed to load: ModuleNotFoundError"),
+        ("def get_config():\n    return undefined_name\n", "get_config() failed: NameError"),
+        ("import ml_collections\ndef get_config():\n    return ml_collections.ConfigDict({'workdir': 'w'})\n",
+         "config key anomaly is missing (a recipe replaced its section?)"),
+    ],
+)
+def test_a_recipe_that_fails_to_run_is_one_clear_error(text, message, tmp_path):
+    from jaxtune.config import parse_args
+
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(text)
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_args([], str(recipe))
+
+
+@pytest.mark.parametrize(
     "line, message",
     [
         ("c.train.max_step = 5", "unknown key 'max_step' (did you mean 'max_steps'?)"),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs jaxtune into ./.venv. With --test, also the test extra (pytest, torch CPU).
-# torch goes first and pinned to 2.13.0, the CPU wheel: an unpinned torch pulls a CUDA
+# torch goes first and pinned to 2.13.0 (a CPU wheel on this project's machines; elsewhere install
+# the CPU wheel first, see README "Install"): an unpinned torch pulls a CUDA
 # build of several GB (see DEVELOPERS.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
