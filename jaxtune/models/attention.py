@@ -10,8 +10,9 @@ backward pass.
   XLA:CPU runs it as a fast (bf16-capable) dot, with the two transposed operands
   materialised (see matmul.py); other backends contract them directly.
 Layouts inside: q [B*K, G*tq, H] (GQA: the G query heads of a kv head side by side),
-k and v [B*K, tk, H], scores [B*K, G*tq, tk]; one batch axis made the bf16 block 1.5x
-faster on XLA:CPU than batch axes [B, K].
+k and v [B*K, tk, H], scores [B*K, G*tq, tk] on CPU, where one batch axis made the bf16 block
+1.5x faster than batch axes [B, K]; on GPUs and TPUs the leading axes stay [B, K], which
+tensor parallelism splits without moving data (see `causal_attention`).
 """
 
 from __future__ import annotations
@@ -46,10 +47,10 @@ def _swap_last(x: jax.Array) -> jax.Array:
 
 
 def _bmm_keys_first(a, b):
-    """[b, q, t] x [b, q, h] -> [b, t, h] (contracting queries, the first axis of `a`)."""
+    """[..., q, t] x [..., q, h] -> [..., t, h] (contracting queries, the first axis of `a`)."""
     if matmul.cpu_layouts():  # XLA:CPU runs it fast only from a physically transposed `a`
-        return product("btq,bqh->bth", _swap_last(a), b)
-    return product("bqt,bqh->bth", a, b)
+        return product("...tq,...qh->...th", _swap_last(a), b)
+    return product("...qt,...qh->...th", a, b)
 
 
 def _mask(seg_q, seg_k):
@@ -61,12 +62,11 @@ def _mask(seg_q, seg_k):
 
 
 def _scores(q, k, seg_q, seg_k, groups):
-    s = product("bqh,bth->bqt", q, k)  # b = B*K
-    bk, gq, t = s.shape
+    s = product("...qh,...th->...qt", q, k)  # leading axes [B*K] or [B, K]
+    *lead, gq, t = s.shape
     mask = _mask(seg_q, seg_k)
-    b = mask.shape[0]
-    s = jnp.where(mask[:, None, None], s.reshape(b, bk // b, groups, gq // groups, t), NEG)
-    return s.reshape(bk, gq, t)
+    s = jnp.where(mask[:, None, None], s.reshape(mask.shape[0], -1, groups, gq // groups, t), NEG)
+    return s.reshape(*lead, gq, t)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
@@ -79,26 +79,26 @@ def _block(q, k, v, seg_q, segment_ids, groups, dtype, end):
 
 
 def _block_fwd(q, k_full, v_full, seg_q, segment_ids, groups, dtype, end):
-    q, k, v = q.astype(dtype), k_full[:, :end].astype(dtype), v_full[:, :end].astype(dtype)
+    q, k, v = q.astype(dtype), k_full[..., :end, :].astype(dtype), v_full[..., :end, :].astype(dtype)
     s = _scores(q, k, seg_q, segment_ids[:, :end], groups)
     lse = checkpoint_name(jax.nn.logsumexp(s, axis=-1, keepdims=True), ATTENTION_LSE)
     p = jnp.exp(s - lse)
-    out = checkpoint_name(product("bqt,bth->bqh", p.astype(dtype), v).astype(dtype), ATTENTION_OUT)
+    out = checkpoint_name(product("...qt,...th->...qh", p.astype(dtype), v).astype(dtype), ATTENTION_OUT)
     return out, (q, k_full, v_full, seg_q, segment_ids, lse, out)
 
 
 def _block_bwd(groups, dtype, end, residuals, d_out):
     q, k_full, v_full, seg_q, segment_ids, lse, out = residuals
-    k, v = k_full[:, :end].astype(dtype), v_full[:, :end].astype(dtype)
+    k, v = k_full[..., :end, :].astype(dtype), v_full[..., :end, :].astype(dtype)
     p = jnp.exp(_scores(q, k, seg_q, segment_ids[:, :end], groups) - lse)
     d_out_c = d_out.astype(dtype)
     d_v = _bmm_keys_first(p.astype(dtype), d_out_c)
-    d_p = product("bqh,bth->bqt", d_out_c, v)
+    d_p = product("...qh,...th->...qt", d_out_c, v)
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     d_s = (p * (d_p - delta)).astype(dtype)
-    d_q = product("bqt,bth->bqh", d_s, k)
+    d_q = product("...qt,...th->...qh", d_s, k)
     d_k = _bmm_keys_first(d_s, q)
-    rest = [(0, 0), (0, k_full.shape[1] - end), (0, 0)]
+    rest = [(0, 0)] * (k_full.ndim - 2) + [(0, k_full.shape[-2] - end), (0, 0)]
     d_k, d_v = jnp.pad(d_k, rest).astype(k_full.dtype), jnp.pad(d_v, rest).astype(v_full.dtype)
     return d_q, d_k, d_v, None, None
 
@@ -113,15 +113,23 @@ def causal_attention(q, k, v, segment_ids, dtype) -> jax.Array:
     """
     b, t, kh, g, h = q.shape
     block = query_block_size(t)
-    # B*K splits over the batch axes then tensor, as B and K did (without this, XLA
-    # gathered every head onto every tensor-parallel device).
-    qt = constrain(jnp.transpose(q, (0, 2, 3, 1, 4)).reshape(b * kh, g, t, h), BATCH_AND_HEADS)  # [B*K, G, T, H]
-    kt = constrain(jnp.transpose(k, (0, 2, 1, 3)).reshape(b * kh, t, h), BATCH_AND_HEADS)  # [B*K, T, H]
-    vt = constrain(jnp.transpose(v, (0, 2, 1, 3)).reshape(b * kh, t, h), BATCH_AND_HEADS)
+    if matmul.cpu_layouts():
+        # One batch axis B*K (1.5x faster bf16 blocks on XLA:CPU), split over the batch axes
+        # then tensor, as B and K are when each data-parallel group holds one row (without
+        # this, XLA gathered every head onto every tensor-parallel device).
+        lead, split = (b * kh,), (BATCH_AND_HEADS,)
+    else:
+        # Batch and heads stay two axes, split as the projections left them: a merged axis's
+        # share is other rows and heads than a device holds once a group has several rows,
+        # which cost all-to-alls of q, k, v and their gradients in every layer.
+        lead, split = (b, kh), _BATCH_THEN_HEADS
+    qt = constrain(jnp.transpose(q, (0, 2, 3, 1, 4)).reshape(*lead, g, t, h), *split)  # [*lead, G, T, H]
+    kt = constrain(jnp.transpose(k, (0, 2, 1, 3)).reshape(*lead, t, h), *split)  # [*lead, T, H]
+    vt = constrain(jnp.transpose(v, (0, 2, 1, 3)).reshape(*lead, t, h), *split)
     outs = []
     for start in range(0, t, block):
         end = min(start + block, t)
-        q_blk = qt[:, :, start:end].reshape(b * kh, g * (end - start), h)
+        q_blk = qt[..., start:end, :].reshape(*lead, g * (end - start), h)
         out = _block(q_blk, kt, vt, segment_ids[:, start:end], segment_ids, g, dtype, end)
         outs.append(out.reshape(b, kh, g, end - start, h))
     out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
