@@ -167,7 +167,7 @@ def _parse_value(key: str, text: str, declared: type):
                 value = ast.literal_eval(text)
             except (ValueError, SyntaxError):
                 raise UserError(f"--config.{key}: cannot parse {text!r} as a list.") from None
-            return tuple(value)
+            return (value,) if isinstance(value, str) else tuple(value)  # ("a.jsonl") is a string in parentheses
         return tuple(p for p in (s.strip() for s in text.split(",")) if p)
     if declared is str:
         return text

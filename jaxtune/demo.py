@@ -15,6 +15,8 @@ import random
 import shutil
 import tempfile
 
+from jaxtune.errors import UserError
+
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
@@ -128,9 +130,14 @@ def ensure_demo_model(out_dir: str, data_dir: str) -> str:
     """Builds the demo model directory once (atomically); returns its path."""
     if os.path.isfile(os.path.join(out_dir, "config.json")):
         return out_dir
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"{out_dir} exists and is not a directory; the demo model is a directory.")
     parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".demo-model-")
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=".demo-model-")
+    except OSError as e:
+        raise UserError(f"cannot write the demo model under {parent} ({e.strerror or e}).") from None
     try:
         build_model_dir(tmp, data_dir)
         os.chmod(tmp, 0o755)

@@ -69,6 +69,13 @@ def test_more_command_line_mistakes_are_one_clear_error(args, message):
         parse_args(args, os.path.join(ROOT, "configs", "demo.py"))
 
 
+def test_a_parenthesised_file_name_is_one_file_not_its_characters():
+    from jaxtune.config import parse_args
+
+    config = parse_args(['--config.data.train_files=("a.jsonl")'], os.path.join(ROOT, "configs", "demo.py"))
+    assert config.data.train_files == ("a.jsonl",)  # was ("a", ".", "j", ...)
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
@@ -336,6 +343,16 @@ def test_the_demo_model_built_by_two_processes_at_once(tmp_path, monkeypatch):
     assert jaxtune.demo.ensure_demo_model(str(out), "unused") == str(out)
     assert (out / "config.json").read_text() == str(out)  # the winner's copy
     assert sorted(os.listdir(tmp_path)) == ["model"]  # no temporary directory left
+
+
+def test_make_demo_into_a_file_is_one_clear_error(tmp_path):
+    import jaxtune.demo
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="file exists and is not a directory"):
+        jaxtune.demo.ensure_demo_model(str(tmp_path / "file"), "unused")
+    with pytest.raises(UserError, match="cannot write the demo model under"):  # NotADirectoryError before
+        jaxtune.demo.ensure_demo_model(str(tmp_path / "file" / "model"), "unused")
 
 
 def test_shipped_recipes_validate():
