@@ -127,6 +127,27 @@ def test_config_recipe_and_flag_overrides(tmp_path, plain_dir):
     assert json.loads(out.read_text())["max_seq_len"] == 32
 
 
+def test_a_recipe_whose_data_fills_no_batch_is_an_error(tmp_path, plain_dir):
+    """run.py refuses data of fewer rows than one batch, after loading the model: the check
+    passed it."""
+    data = write_jsonl(tmp_path / "d.jsonl", clean_records(3, seed=5))
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(
+        "from jaxtune.config import defaults\n"
+        "def get_config():\n"
+        "    c = defaults()\n"
+        f"    c.model.hf_path = {plain_dir!r}\n"
+        f"    c.data.train_files = ({data!r},)\n"
+        "    c.data.eval_fraction = 0.0\n"
+        "    c.train.global_batch_size = 8\n"
+        "    return c\n"
+    )
+    out = tmp_path / "r.json"
+    assert check_data.main(["--config", str(recipe), "--out", str(out)]) == 1
+    kinds = {f["kind"]: f["message"] for f in json.loads(out.read_text())["findings"]}
+    assert "fewer than one batch of train.global_batch_size=8 rows" in kinds["fewer_rows_than_a_batch"]
+
+
 @pytest.mark.parametrize("packing", [True, False])
 def test_rows_are_laid_out_as_training_will(tmp_path, plain_dir, packing):
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "hello ", "completion": "world"}] * 6)
