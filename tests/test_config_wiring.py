@@ -31,6 +31,11 @@ from run_helpers import make_config, train_losses
 NO_EVAL = {"data__eval_files": (), "data__eval_fraction": 0.0}
 
 
+def _no_compile(*args):
+    """`.lower(...)` of a stub step: the run's ahead-of-time compile has nothing to do."""
+    return types.SimpleNamespace(compile=lambda: None)
+
+
 class _Stop(Exception):
     """Raised by the recording train step to end a run before its first step."""
 
@@ -61,6 +66,8 @@ def _run_recorded(monkeypatch, overrides: dict, *, train: bool = False):
                 raise _Stop
             return step(state, batch)
 
+        # the run compiles its steps ahead; a run stopped at its first step needs no program
+        recording_step.lower = step.lower if train else _no_compile
         return recording_step
 
     make_train_step.__wrapped__ = real  # a second recorded run in one test wraps the original
@@ -200,12 +207,15 @@ def _eval_batch_rows(monkeypatch, overrides: dict):
             rows.append(batch.input_ids.shape[0])
             return step(params, batch)
 
+        recording.lower = step.lower
         return recording
 
     def make_train_step(*args, **kwargs):
         metrics = {"loss": np.float32(1.0), "grad_norm": np.float32(1.0), "lr": np.float32(0.0),
                    "tokens": np.float32(1.0), "applied": np.bool_(True), "consecutive_skipped": np.int32(0)}
-        return lambda state, batch: (state, metrics)
+        stub = lambda state, batch: (state, metrics)  # noqa: E731
+        stub.lower = _no_compile
+        return stub
 
     monkeypatch.setattr(jaxtune.train, "make_eval_step", make_eval_step)
     monkeypatch.setattr(jaxtune.train, "make_train_step", make_train_step)
