@@ -167,7 +167,8 @@ def _parse_value(key: str, text: str, declared: type):
                 value = ast.literal_eval(text)
             except (ValueError, SyntaxError):
                 raise UserError(f"--config.{key}: cannot parse {text!r} as a list.") from None
-            return (value,) if isinstance(value, str) else tuple(value)  # ("a.jsonl") is a string in parentheses
+            # ("a.jsonl") is a string in parentheses, (5) a number: one item, which the type check judges
+            return tuple(value) if isinstance(value, (list, tuple)) else (value,)
         return tuple(p for p in (s.strip() for s in text.split(",")) if p)
     if declared is str:
         return text

@@ -60,6 +60,7 @@ def test_config_errors_are_one_line_before_any_work(args, message, tmp_path):
         (["--config.train.overwrite=True"], "train.overwrite=True only applies with train.resume=never"),
         (["--config.train.max_steps=3000000000"], "train.max_steps must be below 2**31"),  # an OverflowError, late
         (["--config", "configs"], "config file configs is a directory"),
+        (["--config.data.train_files=(5)"], "data.train_files must be a list of paths (strings), got (5,)"),  # TypeError
     ],
 )
 def test_more_command_line_mistakes_are_one_clear_error(args, message):
