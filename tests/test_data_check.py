@@ -8,6 +8,7 @@ import sys
 
 import pytest
 from data_helpers import WORDS, llama3_dir, make_tokenizer, plain_dir, settings, write_jsonl  # noqa: F401
+from run_helpers import write_recipe
 
 from jaxtune.data import load_tokenizer, prepare_datasets
 from jaxtune.errors import UserError
@@ -107,23 +108,14 @@ def test_lengths_and_warnings_only_exit_zero(tmp_path, plain_dir, capsys):
 def test_config_recipe_and_flag_overrides(tmp_path, plain_dir):
     records = [{"prompt": "hello", "completion": ""}, {"prompt": "a", "completion": "b"}]
     data = write_jsonl(tmp_path / "d.jsonl", records)
-    recipe = tmp_path / "recipe.py"
-    recipe.write_text(
-        "from jaxtune.config import defaults\n"
-        "def get_config():\n"
-        "    c = defaults()\n"
-        f"    c.model.hf_path = {plain_dir!r}\n"
-        f"    c.data.train_files = ({data!r},)\n"
-        "    c.data.max_seq_len = 64\n"
-        "    c.data.eval_fraction = 0.0\n"
-        "    return c\n"
-    )
+    recipe = write_recipe(tmp_path / "recipe.py", {"model.hf_path": plain_dir, "data.train_files": (data,),
+                                                   "data.max_seq_len": 64, "data.eval_fraction": 0.0})
     out = tmp_path / "r.json"
-    assert check_data.main(["--config", str(recipe), "--out", str(out)]) == 1  # an empty completion
+    assert check_data.main(["--config", recipe, "--out", str(out)]) == 1  # an empty completion
     report = json.loads(out.read_text())
     assert report["max_seq_len"] == 64 and report["tokenizer"] == plain_dir
     assert report["train"]["empty_fields"] == {"completion": 1}
-    assert check_data.main(["--config", str(recipe), "--max-seq-len", "32", "--out", str(out)]) == 1
+    assert check_data.main(["--config", recipe, "--max-seq-len", "32", "--out", str(out)]) == 1
     assert json.loads(out.read_text())["max_seq_len"] == 32
 
 
@@ -131,19 +123,10 @@ def test_a_recipe_whose_data_fills_no_batch_is_an_error(tmp_path, plain_dir):
     """run.py refuses data of fewer rows than one batch, after loading the model: the check
     passed it."""
     data = write_jsonl(tmp_path / "d.jsonl", clean_records(3, seed=5))
-    recipe = tmp_path / "recipe.py"
-    recipe.write_text(
-        "from jaxtune.config import defaults\n"
-        "def get_config():\n"
-        "    c = defaults()\n"
-        f"    c.model.hf_path = {plain_dir!r}\n"
-        f"    c.data.train_files = ({data!r},)\n"
-        "    c.data.eval_fraction = 0.0\n"
-        "    c.train.global_batch_size = 8\n"
-        "    return c\n"
-    )
+    recipe = write_recipe(tmp_path / "recipe.py", {"model.hf_path": plain_dir, "data.train_files": (data,),
+                                                   "data.eval_fraction": 0.0, "train.global_batch_size": 8})
     out = tmp_path / "r.json"
-    assert check_data.main(["--config", str(recipe), "--out", str(out)]) == 1
+    assert check_data.main(["--config", recipe, "--out", str(out)]) == 1
     kinds = {f["kind"]: f["message"] for f in json.loads(out.read_text())["findings"]}
     assert "fewer than one batch of train.global_batch_size=8 rows" in kinds["fewer_rows_than_a_batch"]
 
