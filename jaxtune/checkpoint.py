@@ -87,7 +87,6 @@ class Checkpointer:
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         self.best_directory = os.path.abspath(os.path.join(workdir, "best"))
         self.metric = metric
-        self.greater_is_better = greater_is_better
         self.on_corrupt = on_corrupt
         self.manager = _manager(
             self.directory, keep, {"state": ocp.StandardCheckpointHandler(), "loop": ocp.JsonCheckpointHandler()},
@@ -168,12 +167,12 @@ class Checkpointer:
         later = [s for s in on_disk if s > step]
         if loop.best.step is None or loop.best.step in on_disk:
             self.discard_best_after(step)
-        elif later:
-            values = {s: float(self._best_meta(s)["value"]) for s in later}
-            best = (max if self.greater_is_better else min)(later, key=values.__getitem__)
+        elif later:  # they beat the restored best, so they beat anything older on disk too
+            best = self.best_step()
+            value = float(self._best_meta(best)["value"])
             log(f"the best model of step {loop.best.step} was replaced by later ones; keeping best/{best} "
-                f"({self.metric} {values[best]:.6g}) as the best so far")
-            loop.best.value, loop.best.step = values[best], best
+                f"({self.metric} {value:.6g}) as the best so far")
+            loop.best.value, loop.best.step = value, best
         elif loop.best.step == step:
             record = next((r for r in reversed(loop.history) if r.get("step") == step and self.metric in r), {})
             self.save_best(step, state.params, loop.best.value, {k: v for k, v in record.items() if k != "step"})
