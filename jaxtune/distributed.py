@@ -9,6 +9,7 @@ JAX_NUM_PROCESSES and JAX_PROCESS_ID say them.
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import jax
@@ -80,8 +81,6 @@ def global_max(value: int) -> int:
 
 def combined_digest(digest: bytes) -> str:
     """One hex digest of every process's `digest`, in process order (the same on every process)."""
-    import hashlib
-
     gathered = _gather(np.frombuffer(digest, np.uint8))
     return hashlib.sha256(np.ascontiguousarray(gathered, np.uint8).tobytes()).hexdigest()[:32]
 

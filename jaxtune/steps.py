@@ -190,17 +190,16 @@ def _traced_on(mesh: Mesh, fn):
 
 def to_global_batch(rows, mesh: Mesh, accum_steps: int | None) -> Batch:
     """Process-local rows -> a global Batch (train: [accum, rows/accum, T])."""
+    shardings = eval_batch_sharding(mesh) if accum_steps is None else train_batch_sharding(mesh)
     arrays = []
     for name in BATCH_FIELDS:
         local = np.asarray(getattr(rows, name))
         if accum_steps is None:
-            sh = sharding.batch_sharding(mesh)
             global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
         else:
             local = local.reshape(accum_steps, local.shape[0] // accum_steps, *local.shape[1:])
-            sh = NamedSharding(mesh, P(None, sharding.BATCH_AXES, None))
             global_shape = (accum_steps, local.shape[1] * jax.process_count(), *local.shape[2:])
-        arrays.append(jax.make_array_from_process_local_data(sh, local, global_shape))
+        arrays.append(jax.make_array_from_process_local_data(getattr(shardings, name), local, global_shape))
     return Batch(*arrays)
 
 

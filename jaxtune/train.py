@@ -146,15 +146,15 @@ class _Loop:
         self.model_config = LlamaConfig.from_pretrained(c.model.hf_path)
         self.mesh = sharding.make_mesh(sharding.MeshShape(c.mesh.data, c.mesh.fsdp, c.mesh.tensor))
         dp, procs = sharding.data_parallel_size(self.mesh), jax.process_count()
-        sharding.check_rows_per_process(self.mesh, procs)
+        sharding.check_rows_per_process(self.mesh, procs)  # dp is a multiple of procs from here on
         micro = t.global_batch_size // t.grad_accum_steps
         self.eval_batch = t.eval_batch_size or micro
         for name, rows in (("train.global_batch_size / train.grad_accum_steps", micro),
                            ("train.eval_batch_size", self.eval_batch)):
-            if rows % dp or rows % procs:
+            if rows % dp:  # and so of the processes
                 raise UserError(
                     f"{name} = {rows} rows must be a multiple of the data-parallel size "
-                    f"(mesh.data x mesh.fsdp = {dp}) and of the {procs} processes."
+                    f"(mesh.data x mesh.fsdp = {dp})."
                 )
         self.graphdef, abstract = abstract_model(
             self.model_config, param_dtype=c.model.param_dtype, compute_dtype=c.model.compute_dtype,
