@@ -185,3 +185,82 @@ def test_save_pretrained_fetches_one_layer_at_a_time(tmp_path, monkeypatch):
     reloaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out", dtype="float32").eval()
     assert_close_scaled(jaxtune.from_pretrained(tmp_path / "out")(jnp.asarray(ids)), torch_logits(reloaded, ids))
 
+
+
+def _save_pickled(model, path, shards: int = 1, dtype=None):
+    """`model`'s weights as PyTorch pickles (the pre-safetensors format), sharded with an index."""
+    state = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in model.state_dict().items()}
+    names = sorted(state)
+    if shards == 1:
+        torch.save(state, path / "pytorch_model.bin")
+        return state
+    weight_map = {}
+    for i in range(shards):
+        file = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = names[i::shards]
+        torch.save({n: state[n] for n in part}, path / file)
+        weight_map.update({n: file for n in part})
+    (path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return state
+
+
+def test_pickle_weights_are_read_one_tensor_at_a_time_in_their_own_dtype(tmp_path):
+    """bf16 pickles (most Llama 2 era checkpoints) used to be upcast to float32 whole, in host
+    memory, before the first tensor was placed: 2x the checkpoint's size for a 7B model."""
+    model = make_hf_llama(tmp_path / "safe", num_key_value_heads=2)
+    shutil.copytree(tmp_path / "safe", tmp_path / "pickled", ignore=shutil.ignore_patterns("*.safetensors"))
+    state = _save_pickled(model, tmp_path / "pickled", shards=3, dtype=torch.bfloat16)
+    reader = SafetensorsReader(tmp_path / "pickled", allow_pickle=True)
+    name = "model.layers.1.mlp.up_proj.weight"
+    got = reader.get(name)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(got.view(np.int16), state[name].view(torch.int16).numpy())
+    np.testing.assert_array_equal(reader.rows(name, 3, 5).view(np.int16), state[name][3:5].view(torch.int16).numpy())
+    # the same parameters as from the same bf16 weights in safetensors
+    save_file({k: v.view(torch.int16).numpy().view(jnp.bfloat16) for k, v in state.items()},
+              str(tmp_path / "safe" / "model.safetensors"))
+    for param_dtype in ("bfloat16", "float32"):
+        ours = nnx.as_pure(nnx.split(jaxtune.from_pretrained(tmp_path / "pickled", dtype=param_dtype,
+                                                             allow_pickle=True))[1])
+        ref = nnx.as_pure(nnx.split(jaxtune.from_pretrained(tmp_path / "safe", dtype=param_dtype))[1])
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), ours, ref)
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_opening_pickle_weights_maps_them_instead_of_reading_them(tmp_path):
+    torch.save({"big": torch.ones(32 * 2**20, dtype=torch.bfloat16)}, tmp_path / "pytorch_model.bin")  # 64 MiB
+    before = _resident_bytes()
+    reader = SafetensorsReader(tmp_path, allow_pickle=True)
+    assert reader.shape("big") == (32 * 2**20,)
+    assert _resident_bytes() - before < 16 * 2**20  # was 192 MiB: the file read, then a float32 copy
+    assert reader.rows("big", 0, 4).tolist() == [1.0] * 4
+
+
+def test_a_pickle_checkpoint_of_the_wrong_shape_fails_the_check_before_loading(tmp_path):
+    """The start-of-run check (before tokenizing) skipped pickle weights, which were only
+    readable whole; a wrong model directory then failed after the data work."""
+    model = make_hf_llama(tmp_path, num_key_value_heads=2)
+    os.remove(tmp_path / "model.safetensors")
+    _save_pickled(model, tmp_path)
+    config = LlamaConfig.from_pretrained(tmp_path)
+    wider = LlamaConfig.from_hf_dict({**config.to_hf_dict(), "intermediate_size": config.intermediate_size * 2})
+    abstract = hf_io.abstract_model(wider)[1]
+    hf_io.check_checkpoint(tmp_path, config, hf_io.abstract_model(config)[1], allow_pickle=True)
+    with pytest.raises(UserError, match=r"tensor model.layers.0.mlp.\w+_proj.weight has shape \(\d+, \d+\) but "):
+        hf_io.check_checkpoint(tmp_path, wider, abstract, allow_pickle=True)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy_format"])
+def test_unreadable_pickle_weights_are_user_errors(tmp_path, legacy):
+    model = make_hf_llama(tmp_path)
+    os.remove(tmp_path / "model.safetensors")
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=not legacy)
+    if legacy:  # the pre-1.6 format cannot be memory-mapped, but still loads
+        jaxtune.from_pretrained(tmp_path, allow_pickle=True)
+    _truncate(tmp_path / "pytorch_model.bin")
+    with pytest.raises(UserError, match=r"pytorch_model.bin: cannot read the PyTorch weights file \(.+\)\.$"):
+        jaxtune.from_pretrained(tmp_path, allow_pickle=True)

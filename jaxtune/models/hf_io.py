@@ -13,6 +13,8 @@ import dataclasses
 import json
 import math
 import os
+import pickle
+import zipfile
 from typing import Any, Callable, Iterator
 
 import jax
@@ -97,7 +99,8 @@ def tensor_maps(c: LlamaConfig) -> dict[ParamPath, TensorMap]:
 
 # ---- Reading -------------------------------------------------------------------------------
 class SafetensorsReader:
-    """Lazy access to the tensors of a (possibly sharded) safetensors checkpoint."""
+    """Lazy access to the tensors of a (possibly sharded) safetensors checkpoint, or of
+    PyTorch pickle weights when allowed (memory-mapped)."""
 
     def __init__(self, path: str | os.PathLike, allow_pickle: bool = False):
         self.path = str(path)
@@ -133,18 +136,18 @@ class SafetensorsReader:
 
     def get(self, name: str) -> np.ndarray:
         if not self.file_of:
-            return self._pickled[name]
+            return _torch_to_numpy(self._pickled[name])
         return self._read(name, lambda h: h.get_tensor(name))
 
     def shape(self, name: str) -> tuple[int, ...]:
         if not self.file_of:
-            return self._pickled[name].shape
+            return tuple(self._pickled[name].shape)
         return tuple(self._read(name, lambda h: h.get_slice(name).get_shape()))
 
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows start:stop of a tensor, without reading the rest of it."""
         if not self.file_of:
-            return self._pickled[name][start:stop]
+            return _torch_to_numpy(self._pickled[name][start:stop])
         return self._read(name, lambda h: h.get_slice(name)[start:stop])
 
     def _read(self, name: str, fn):
@@ -178,7 +181,10 @@ def _read_weight_map(index: str) -> dict[str, str]:
     return weight_map
 
 
-def _load_pickle_weights(path: str) -> dict[str, np.ndarray]:
+def _load_pickle_weights(path: str) -> dict[str, Any]:
+    """torch tensors, memory-mapped where the file allows it (any torch >= 1.6 save): each
+    tensor's bytes are read when `_torch_to_numpy` converts it, one at a time, as with
+    safetensors, instead of the whole checkpoint upcast to float32 in host memory."""
     try:
         import torch
     except ImportError:
@@ -189,9 +195,25 @@ def _load_pickle_weights(path: str) -> dict[str, np.ndarray]:
         files = sorted({os.path.join(path, v) for v in _read_weight_map(index).values()})
     out = {}
     for file in files:
-        for name, t in torch.load(file, map_location="cpu", weights_only=True).items():
-            out[name] = t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+        if not os.path.isfile(file):
+            raise UserError(f"{index} lists {os.path.basename(file)}, which does not exist.")
+        try:  # the legacy (non-zip) format cannot be mapped, so it is read whole
+            tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            raise UserError(f"{file}: cannot read the PyTorch weights file ({str(e).splitlines()[0]}).") from None
+        if not isinstance(tensors, dict):
+            raise UserError(f"{file}: expected a state dict of tensors, found a {type(tensors).__name__}.")
+        out.update(tensors)
     return out
+
+
+def _torch_to_numpy(t) -> np.ndarray:
+    """A view of a torch tensor's bytes as numpy, bfloat16 kept as bfloat16 (as safetensors gives)."""
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
 
 
 def _param_leaves(abstract_state) -> Iterator[tuple[ParamPath, jax.ShapeDtypeStruct]]:
@@ -288,11 +310,7 @@ def check_checkpoint(path: str | os.PathLike, config: LlamaConfig, abstract_stat
     """Reads only the index and headers: the weight files hold every tensor this config needs,
     with its shape, and no other. Run before any expensive work, so a wrong model directory
     fails at once (not after tokenizing)."""
-    path = str(path)
-    has_safetensors = any(os.path.isfile(os.path.join(path, f)) for f in (SAFETENSORS_INDEX, SAFETENSORS_FILE))
-    if not has_safetensors and allow_pickle and any(os.path.exists(os.path.join(path, f)) for f in PICKLE_FILES):
-        return  # pickle weights are only readable whole: checked when loaded
-    reader = SafetensorsReader(path, allow_pickle=False)  # no safetensors: the error says what is there
+    reader = SafetensorsReader(path, allow_pickle=allow_pickle)  # pickles: memory-mapped, so cheap too
     try:
         _check_layout(reader, abstract_state, config)
     finally:
