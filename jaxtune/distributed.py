@@ -63,7 +63,8 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _gather(value) -> np.ndarray:
+def gather(value) -> np.ndarray:
+    """`value` from every process, stacked along a new first axis in process order."""
     if jax.process_count() == 1:
         return np.asarray([value])
     from jax.experimental import multihost_utils
@@ -72,20 +73,20 @@ def _gather(value) -> np.ndarray:
 
 
 def global_min(value: int) -> int:
-    return int(_gather(value).min())
+    return int(gather(value).min())
 
 
 def global_max(value: int) -> int:
-    return int(_gather(value).max())
+    return int(gather(value).max())
 
 
 def combined_digest(digest: bytes) -> str:
     """One hex digest of every process's `digest`, in process order (the same on every process)."""
-    gathered = _gather(np.frombuffer(digest, np.uint8))
+    gathered = gather(np.frombuffer(digest, np.uint8))
     return hashlib.sha256(np.ascontiguousarray(gathered, np.uint8).tobytes()).hexdigest()[:32]
 
 
 def any_and_sum(flag: bool, count: int) -> tuple[bool, int]:
     """(any process's flag, the sum of every process's count) in one collective."""
-    gathered = _gather(np.asarray([int(bool(flag)), int(count)], np.int64)).reshape(-1, 2)
+    gathered = gather(np.asarray([int(bool(flag)), int(count)], np.int64)).reshape(-1, 2)
     return bool(gathered[:, 0].any()), int(gathered[:, 1].sum())

@@ -171,7 +171,7 @@ class _Loop:
         tokenizer = load_tokenizer(self.data_settings.tokenizer_path)
         log = print if distributed.is_main() else (lambda *a, **k: None)
         data = prepare_datasets(self.data_settings, tokenizer, process_index=jax.process_index(),
-                                process_count=procs, log=log)
+                                process_count=procs, log=log, gather=distributed.gather)
         _check_token_ids(data, self.model_config.vocab_size, self.data_settings.tokenizer_path,
                          len(tokenizer), c.model.hf_path)
         self.eval_rows = data.eval if has_eval_data(c) else None

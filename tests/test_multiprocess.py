@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from data_helpers import plain_dir, write_jsonl  # noqa: F401
 from run_helpers import ROOT, read_metrics, write_recipe
 
 pytestmark = pytest.mark.slow
@@ -110,6 +111,45 @@ def test_from_pretrained_without_a_sharding_works_on_every_process(run_assets, t
     _assert_ok(results)
     lines = [[line for line in out.splitlines() if line.startswith("logits")] for _, out in results]
     assert len(lines[0]) == 1 and lines[0] == lines[1]
+
+
+def test_whether_a_split_was_all_dropped_is_decided_by_every_process_together(tmp_path, plain_dir):
+    """Each process judged its own slice: an eval set whose only good record was process 0's
+    stopped process 1 (while the set as a whole was usable), and process 0 then waited in its
+    next collective until gloo gave up, with a traceback."""
+    long_text = {"text": "the quick brown fox jumps " * 20}  # dropped: longer than max_seq_len
+    data = {"train": [{"text": "hello world"}, {"text": "good morning"}], "eval": [{"text": "hi there"}, long_text],
+            "bad_train": [{"text": "hello world"}, long_text]}
+    for name, records in data.items():
+        write_jsonl(tmp_path / f"{name}.jsonl", records)
+    script = tmp_path / "prepare.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
+        from jaxtune import distributed
+        distributed.init()
+        import jax
+        from data_helpers import settings
+        from jaxtune.data import load_tokenizer, prepare_datasets
+        from jaxtune.errors import UserError
+        tok = load_tokenizer({plain_dir!r})
+        kw = dict(process_index=jax.process_index(), process_count=2, log=lambda m: None, gather=distributed.gather)
+        got = prepare_datasets(settings({str(tmp_path / "train.jsonl")!r}, {plain_dir!r}, max_seq_len=16,
+                               truncation="drop", eval_files=({str(tmp_path / "eval.jsonl")!r},)), tok, **kw)
+        print("eval samples", got.report.eval.samples)
+        try:
+            prepare_datasets(settings({str(tmp_path / "bad_train.jsonl")!r}, {plain_dir!r}, max_seq_len=16,
+                                      truncation="drop"), tok, **kw)
+        except UserError as e:
+            print("error:", e)
+    """))
+    results = _two_processes([sys.executable, str(script)], timeout=120)
+    _assert_ok(results)
+    assert "eval samples 1" in results[0][1] and "eval samples 0" in results[1][1]
+    errors = [[line for line in out.splitlines() if line.startswith("error:")] for _, out in results]
+    assert errors[0] == errors[1] == [
+        "error: all 1 train sample(s) in process 1's slice of 2 were dropped (1 longer than data.max_seq_len=16); "
+        "raise data.max_seq_len, use data.truncation=truncate, or fix the data."]
 
 
 def test_two_process_run_saves_evaluates_and_resumes(tiny, tmp_path):

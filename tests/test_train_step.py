@@ -81,7 +81,7 @@ def test_throughput_counts_the_tokens_of_every_process(monkeypatch):
 
     assert distributed.any_and_sum(False, 456) == (False, 456)  # one process: its own count
     gathered = np.asarray([[0, 228], [1, 230], [0, 0]])  # what process_allgather returns for 3 processes
-    monkeypatch.setattr(distributed, "_gather", lambda value: gathered)
+    monkeypatch.setattr(distributed, "gather", lambda value: gathered)
     assert distributed.any_and_sum(False, 228) == (True, 458)
 
 

@@ -43,11 +43,15 @@ def prepare_datasets(
     process_index: int = 0,
     process_count: int = 1,
     log: Callable[[str], None] = print,
+    gather: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> PreparedData:
     """Reads, validates, tokenizes, masks, truncates and packs this process's slice of the data.
 
-    The result is cached under `settings.cache_dir`; the cache is written only after
-    success, so a UserError leaves nothing behind.
+    The result is cached under `settings.cache_dir`. `gather` stacks an array from every
+    process (`distributed.gather`); with it, whether a split was all dropped is decided on
+    every process's counts, so all processes stop with the same error together (one
+    stopping alone left the others waiting in their next collective). Without it, this
+    process's slice is judged alone.
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
@@ -77,6 +81,7 @@ def prepare_datasets(
             report = DataReport.from_json(report_json)
             report.cache_hit = True
             log(f"data: cache hit, loaded {len(train):,} train rows from {cache.entry_dir(settings.cache_dir, key)}")
+            check_not_all_dropped(report, settings, gather)
             return PreparedData(train, eval_rows, report)
         log(f"data: cache miss, reading and tokenizing (cache: {settings.cache_dir})")
 
@@ -97,14 +102,11 @@ def prepare_datasets(
 
     encoder = SampleEncoder(tokenizer, train_on_prompt=settings.train_on_prompt, eos_ids=eos_ids)
     train_rows = _build(train_samples[process_index::process_count], encoder, settings, report.train, on_skip)
-    if report.train.samples == 0:
-        raise UserError(_all_dropped("train", report.train, settings, process_count))
     eval_rows = None
     if eval_samples is not None:
         report.eval = SplitStats()
         eval_rows = _build(eval_samples[process_index::process_count], encoder, settings, report.eval, on_skip)
-        if report.eval.records and report.eval.samples == 0:
-            raise UserError(_all_dropped("eval", report.eval, settings, process_count))
+    check_not_all_dropped(report, settings, gather)
 
     if settings.cache_dir:
         try:
@@ -174,8 +176,27 @@ def _check_not_empty(read: ReadResult, key: str) -> None:
         raise UserError(f"{key} has no valid records: all {bad:,} record(s) are bad, the first: {read.first_bad}.")
 
 
-def _all_dropped(split: str, stats: SplitStats, settings: DataSettings, process_count: int) -> str:
-    where = f"in this process's slice of {process_count}" if process_count > 1 else ""
+_COUNTED = ("records", "samples", "dropped_too_long", "dropped_no_trained_tokens", "bad_records")
+
+
+def check_not_all_dropped(report: DataReport, settings: DataSettings, gather=None) -> None:
+    """Every process needs training samples (it feeds its own devices' rows); an eval set needs
+    a sample on some process (`evaluate` gives a process without any padding-only batches)."""
+    splits = (report.train, report.eval or SplitStats())
+    mine = np.array([[getattr(stats, f) for f in _COUNTED] for stats in splits], np.int64)  # [split, field]
+    every = np.asarray(gather(mine) if gather else mine[None]).reshape(-1, len(splits), len(_COUNTED))
+    empty = np.flatnonzero(every[:, 0, 1] == 0)
+    if empty.size:
+        proc = int(empty[0])
+        where = f"in process {proc}'s slice of {len(every)}" if len(every) > 1 else ""
+        raise UserError(_all_dropped("train", SplitStats(**dict(zip(_COUNTED, every[proc, 0].tolist()))),
+                                     settings, where))
+    total_eval = every[:, 1].sum(axis=0)
+    if report.eval is not None and total_eval[0] and total_eval[1] == 0:
+        raise UserError(_all_dropped("eval", SplitStats(**dict(zip(_COUNTED, total_eval.tolist()))), settings, ""))
+
+
+def _all_dropped(split: str, stats: SplitStats, settings: DataSettings, where: str) -> str:
     reasons = []
     if stats.dropped_too_long:
         reasons.append(f"{stats.dropped_too_long:,} longer than data.max_seq_len={settings.max_seq_len}")
