@@ -35,7 +35,8 @@ PEAK_BF16 = (
     ("TPU v6", 918e12),  # v6e ("TPU v6 lite")
     ("TPU v5p", 459e12),
     ("TPU v5e", 197e12),
-    ("TPU v5", 197e12),  # v5e ("TPU v5 lite")
+    ("TPU v5 lite", 197e12),  # v5e
+    ("TPU v5", 459e12),  # what jax reports for a v5p chip (as jax's own Pallas TPU table reads it)
     ("TPU v4 lite", 138e12),  # v4i, the inference chip
     ("TPU v4", 275e12),
 )

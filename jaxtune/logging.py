@@ -17,6 +17,8 @@ from typing import Any
 
 import jax
 
+from jaxtune.errors import UserError
+
 
 class RunLogger:
     def __init__(self, workdir: str, config, *, total_steps: int, start_step: int, history: list[dict],
@@ -25,6 +27,7 @@ class RunLogger:
         self.workdir = workdir
         self.history = history
         self.bar = None
+        self._shown: dict[str, str] = {}  # the progress bar's latest values
         self.tb = None
         self.wandb = None
         if not self.enabled:
@@ -51,10 +54,17 @@ class RunLogger:
                 print("warning: logging.wandb=True but the wandb package is not installed; "
                       "not logging to W&B (pip install wandb)", file=sys.stderr)
             else:
-                self.wandb = wandb.init(
-                    project=lc.wandb_project, dir=workdir, config=config.to_dict(),
-                    name=os.path.basename(os.path.abspath(workdir)), id=wandb_id, resume="allow",
-                )
+                try:
+                    self.wandb = wandb.init(
+                        project=lc.wandb_project, dir=workdir, config=config.to_dict(),
+                        name=os.path.basename(os.path.abspath(workdir)), id=wandb_id, resume="allow",
+                    )
+                except Exception as e:  # wandb's own error types: no login on a headless host, no network, ...
+                    why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                    raise UserError(
+                        f"logging.wandb=True but W&B did not start ({why}); run `wandb login`, set "
+                        "WANDB_MODE=offline, or set logging.wandb=False."
+                    ) from None
         if lc.progress_bar:
             from tqdm import tqdm
 
@@ -72,8 +82,10 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
         if self.bar is not None:
-            shown = {k: record[k] for k in ("loss", "lr", "tokens_per_sec", "eval_loss") if k in record}
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if v is not None}, refresh=False)
+            # merged: an eval line must not wipe the train values from the bar
+            self._shown.update({k: f"{record[k]:.4g}" for k in ("loss", "lr", "tokens_per_sec", "eval_loss")
+                                if record.get(k) is not None})
+            self.bar.set_postfix(self._shown, refresh=False)
 
     def _tb_scalars(self, record: dict[str, Any]) -> None:
         for key, value in record.items():

@@ -357,6 +357,9 @@ class _Loop:
         # The last step is evaluated before it is saved, so that its checkpoint holds the final eval.
         if self.eval_rows is not None and ((t.eval_every and s % t.eval_every == 0) or s == self.total_steps):
             if self._evaluate():
+                if self._interval.state.steps:  # the steps since the last train line end the run here
+                    self._interval.exclude(time.perf_counter() - paused)
+                    self._log_interval()
                 self.ckpt.save(s, self.state, self.loop)
                 return "early_stopping"
         if s % t.save_every == 0:

@@ -268,14 +268,16 @@ def test_every_optimizer_key_reaches_the_optimizer_and_the_schedule(tiny, monkey
 # ---- early_stopping.min_delta ---------------------------------------------------------------
 @pytest.mark.parametrize("min_delta, reason, step", [(10.0, "early_stopping", 2), (0.0, "completed", 3)])
 def test_early_stopping_min_delta(tiny, min_delta, reason, step):
-    """An improving run: every evaluation beats the last, but never by 10 nats."""
+    """An improving run: every evaluation beats the last, but never by 10 nats. Stopping between
+    two log lines still logs the steps since the last one (they were lost)."""
     result = run(make_config(tiny(
-        train__max_steps=3, train__eval_every=1, train__save_every=100, optimizer__warmup_steps=0,
-        early_stopping__patience=1, early_stopping__min_delta=min_delta, logging__tensorboard=False,
-        logging__plot=False)))
+        train__max_steps=3, train__eval_every=1, train__save_every=100, train__log_every=5,
+        optimizer__warmup_steps=0, early_stopping__patience=1, early_stopping__min_delta=min_delta,
+        logging__tensorboard=False, logging__plot=False)))
     evals = [r["eval_loss"] for r in result.history if r.get("eval_loss") is not None]
     assert (result.stop_reason, result.step, len(evals)) == (reason, step, step)
     assert evals == sorted(evals, reverse=True) and len(set(evals)) == len(evals)  # strictly improving
+    assert [r["step"] for r in result.history if r.get("loss") is not None] == [step]
 
 
 # ---- logging.* ------------------------------------------------------------------------------

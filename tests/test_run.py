@@ -286,7 +286,7 @@ def test_without_a_peak_mfu_is_null_on_cpu(tiny):
     ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12),
     ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12), ("TPU v5 lite", 197e12), ("TPU v5p", 459e12),
     ("TPU v6 lite", 918e12), ("TPU v4", 275e12), ("cpu", None), ("NVIDIA GeForce RTX 4090", None),
-    ("TPU v5e", 197e12), ("TPU v6e", 918e12), ("TPU v4 lite", 138e12), ("NVIDIA GH200 480GB", 989e12),
+    ("TPU v5e", 197e12), ("TPU v5", 459e12), ("TPU v6e", 918e12), ("TPU v4 lite", 138e12), ("NVIDIA GH200 480GB", 989e12),
 ])
 def test_peak_is_the_data_sheet_figure_of_that_exact_device(kind, peak):
     from jaxtune.flops import peak_for_device_kind
@@ -439,3 +439,37 @@ def test_bench_arguments_are_checked_in_one_line():
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: num_attention_heads (6) must be a multiple of num_key_value_heads (4).")
+
+
+def _logger(tmp_path, **logging_overrides):
+    from jaxtune.logging import RunLogger
+
+    config = make_config({"workdir": str(tmp_path), **{f"logging.{k}": v for k, v in logging_overrides.items()}})
+    return RunLogger(str(tmp_path), config, total_steps=10, start_step=0, history=[], enabled=True)
+
+
+def test_an_eval_line_keeps_the_train_values_on_the_progress_bar(tmp_path):
+    """tqdm's set_postfix replaces the whole postfix: with log_every == eval_every the bar
+    showed eval_loss alone and never the loss."""
+    log = _logger(tmp_path, progress_bar=True, tensorboard=False)
+    log.log({"step": 2, "loss": 2.5, "lr": 1e-5, "tokens_per_sec": 1234.0})
+    log.log({"step": 2, "eval_loss": 2.7, "eval_ppl": 14.9})
+    assert log.bar.postfix == "loss=2.5, lr=1e-05, tokens_per_sec=1234, eval_loss=2.7"
+    log.log({"step": 4, "loss": 2.25, "lr": 2e-5, "tokens_per_sec": None})
+    assert log.bar.postfix == "loss=2.25, lr=2e-05, tokens_per_sec=1234, eval_loss=2.7"
+    log.close(plot=False)
+
+
+def test_wandb_that_cannot_start_is_one_clear_error(tmp_path, monkeypatch):
+    import types
+
+    fake = types.ModuleType("wandb")
+
+    def init(**kw):
+        raise RuntimeError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])\nmore detail")
+
+    fake.init = init
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    with pytest.raises(UserError, match=r"^logging.wandb=True but W&B did not start \(api_key not configured "
+                                        r"\(no-tty\)\. call wandb.login\(key=\[your_api_key\]\)\); run `wandb login`"):
+        _logger(tmp_path, wandb=True, tensorboard=False, progress_bar=False)
