@@ -9,6 +9,7 @@ contradictions, so a bad config fails in a second, not after loading a model.
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import math
 import os
@@ -133,7 +134,7 @@ def load_recipe(path: str) -> ml_collections.ConfigDict:
     except AttributeError as e:  # assigning a key that does not exist in the locked defaults
         raise UserError(f"config file {path}: {_unknown_key_message(e)}") from None
     except TypeError as e:  # ml_collections refuses a value of the wrong type
-        raise UserError(f"config file {path}: {e}") from None
+        raise UserError(f"config file {path}: {_wrong_type_message(e)}") from None
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - the recipe's own code failed (a NameError, a bad file read)
@@ -141,6 +142,22 @@ def load_recipe(path: str) -> ml_collections.ConfigDict:
     if not isinstance(config, ml_collections.ConfigDict):
         raise UserError(f"config file {path}: get_config() must return an ml_collections.ConfigDict.")
     return config
+
+
+def _wrong_type_message(error: TypeError) -> str:
+    """ml_collections' "Could not override field 'x' (reference). V is of original type <class 'str'>
+    and cannot be casted to type <class 'tuple'>", said plainly; a lone string for a list is
+    usually a one-item tuple without its comma."""
+    text = str(error)
+    m = re.search(r"field '([^']+)'.*?\. (.*) is of original type <class '(\w+)'> and cannot be casted to "
+                  r"type <class '(\w+)'>", text, re.S)
+    if m is None:
+        return text
+    field, value, got, want = m.groups()
+    message = f"{field} must be of type {want}, got the {got} {value!r}"
+    if want in ("tuple", "list") and got == "str":
+        message += f' (one item is ("{value}",), with the comma)'
+    return message + "."
 
 
 def _unknown_key_message(error: AttributeError) -> str:
@@ -188,9 +205,11 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> No
     node = config
     for i, part in enumerate(parts):
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            known = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
+            keys = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
             where = ".".join(parts[:i]) or "config"
-            raise UserError(f"unknown config key {key!r}: {where} has no {part!r} (it has: {known}).")
+            close = difflib.get_close_matches(part, keys, n=1)
+            hint = f"did you mean {'.'.join([*parts[:i], close[0]])!r}? " if close else ""
+            raise UserError(f"unknown config key {key!r}: {where} has no {part!r} ({hint}it has: {', '.join(keys)}).")
         if i < len(parts) - 1:
             node = node[part]
     current = node[parts[-1]]

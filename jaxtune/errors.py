@@ -9,6 +9,7 @@ its traceback.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 
 
@@ -25,3 +26,13 @@ def exit_on_user_error():
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+
+
+def check_local_dir(path, what: str) -> None:
+    """A local directory the user named: one that is not there, or a file in it named instead
+    (a common slip), says so."""
+    if os.path.isfile(path):
+        raise UserError(f"{path} is a file; the {what} path is the directory that holds it "
+                        f"({os.path.dirname(os.path.abspath(path))}).")
+    if not os.path.isdir(path):
+        raise UserError(f"{what} directory {path} does not exist (jaxtune never downloads from a hub).")

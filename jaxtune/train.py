@@ -255,6 +255,13 @@ class _Loop:
             f"({self.loader.steps_per_epoch} per epoch), warmup {num_warmup_steps(opt_settings, self.total_steps)}"
         )
         self._warn_if_early_stopping_cannot_fire()
+        if c.data.max_seq_len > self.model_config.max_position_embeddings:  # RoPE computes any position
+            self.log.message(
+                f"warning: data.max_seq_len={c.data.max_seq_len} is longer than the model's context "
+                f"(max_position_embeddings={self.model_config.max_position_embeddings} in {c.model.hf_path}/config.json): "
+                "positions past it were never trained, so this is context extension, which usually also needs "
+                "RoPE scaling (rope_scaling in config.json)."
+            )
         if c.model.param_dtype == "bfloat16":
             self.log.message(
                 "warning: model.param_dtype=bfloat16 keeps the weights and Adam's state in bfloat16, where an update "

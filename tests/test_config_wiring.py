@@ -297,6 +297,15 @@ def test_logging_progress_bar(tiny, monkeypatch, capsys, progress_bar):
     assert "7 steps (25 per epoch)" in out.out + out.err  # the run got as far as its summary either way
 
 
+@pytest.mark.parametrize("max_seq_len, warned", [(1024, True), (512, False)])
+def test_a_sequence_longer_than_the_models_context_is_warned_about(tiny, monkeypatch, capsys, max_seq_len, warned):
+    """The demo model's max_position_embeddings is 512; nothing said so when rows were longer."""
+    _run_recorded(monkeypatch, tiny(data__max_seq_len=max_seq_len, data__packing=False))
+    out = capsys.readouterr()
+    message = f"warning: data.max_seq_len={max_seq_len} is longer than the model's context (max_position_embeddings=512"
+    assert (message in out.out + out.err) is warned
+
+
 # ---- data.* ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("key, value", [
     ("format", "alpaca"), ("packing", False), ("truncation", "drop"), ("train_on_prompt", True),

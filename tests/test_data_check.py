@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -117,6 +118,18 @@ def test_config_recipe_and_flag_overrides(tmp_path, plain_dir):
     assert report["train"]["empty_fields"] == {"completion": 1}
     assert check_data.main(["--config", recipe, "--max-seq-len", "32", "--out", str(out)]) == 1
     assert json.loads(out.read_text())["max_seq_len"] == 32
+
+
+def test_a_recipes_home_relative_paths_are_expanded_as_run_py_expands_them(tmp_path, plain_dir, monkeypatch):
+    """check_data said "tokenizer directory ~/tok does not exist" for a recipe run.py accepts."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(plain_dir, tmp_path / "tok")
+    write_jsonl(tmp_path / "d.jsonl", clean_records(8, seed=5))
+    recipe = write_recipe(tmp_path / "recipe.py", {"model.hf_path": "~/tok", "data.train_files": ("~/d.jsonl",),
+                                                   "data.eval_fraction": 0.0, "train.global_batch_size": 1})
+    out = tmp_path / "r.json"
+    assert check_data.main(["--config", recipe, "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["tokenizer"] == str(tmp_path / "tok")
 
 
 def test_a_recipe_whose_data_fills_no_batch_is_an_error(tmp_path, plain_dir):

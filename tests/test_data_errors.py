@@ -166,6 +166,16 @@ def test_missing_tokenizer(tmp_path, capsys):
     assert "no_tokenizer does not exist" in capsys.readouterr().err
 
 
+def test_a_model_directory_without_tokenizer_files_says_so(tmp_path, plain_dir):
+    """transformers' own message was "Couldn't instantiate the backend tokenizer from one of: ",
+    whose first line was all that was shown."""
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(UserError, match=r"has no tokenizer files \(tokenizer.json\); copy them there"):
+        load_tokenizer(str(tmp_path))
+    with pytest.raises(UserError, match=r"tokenizer.json is a file; the tokenizer path is the directory that holds it"):
+        load_tokenizer(os.path.join(plain_dir, "tokenizer.json"))
+
+
 def test_skip_counts_bad_records(tmp_path, llama3_dir, tokenizer_dirs):
     bad_role = {"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}
     data = write_jsonl(tmp_path / "d.jsonl", [CHAT, "{not json", CHAT, {"messages": []}, bad_role, CHAT, "", CHAT])

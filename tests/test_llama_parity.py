@@ -206,7 +206,11 @@ def test_pickle_weights_only_when_asked(tmp_path):
 
 
 def test_missing_directory_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(UserError, match="^model directory .*nope does not exist"):
         jaxtune.from_pretrained(tmp_path / "nope")
     with pytest.raises(UserError, match="config.json"):
         jaxtune.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    # it said "config.json: no config.json found"
+    with pytest.raises(UserError, match=rf"config.json is a file; the model path is the directory that holds it \({tmp_path}\)"):
+        LlamaConfig.from_pretrained(tmp_path / "config.json")

@@ -91,9 +91,10 @@ def main(argv=None) -> int:
         parent = os.path.dirname(os.path.abspath(args.out))
         if os.path.isdir(args.out) or not os.path.isdir(parent):
             raise UserError(f"--out {args.out}: not a file in an existing directory.")
-    from jaxtune.config import defaults, load_recipe
+    from jaxtune.config import defaults, expand_user_paths, load_recipe
 
     config = load_recipe(args.config) if args.config else defaults()
+    expand_user_paths(config)  # `~` in the recipe's paths, as run.py expands them
     settings = settings_from(args, config)
 
     from jaxtune.data import load_tokenizer

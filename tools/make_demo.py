@@ -16,7 +16,8 @@ from jaxtune.errors import exit_on_user_error  # noqa: E402
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=os.path.join(ROOT, "demo_assets", "model"))
+    p.add_argument("--out", default=os.path.join(ROOT, "demo_assets", "model"),
+                   help="the model directory to write (default: demo_assets/model)")
     p.add_argument("--data", action="store_true", help="regenerate data/demo/*.jsonl first")
     args = p.parse_args()
     data_dir = os.path.join(ROOT, "data", "demo")

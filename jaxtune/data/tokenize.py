@@ -18,7 +18,7 @@ import numpy as np
 from jaxtune.data import chat, prompts
 from jaxtune.data.formats import AlpacaSample, ChatSample, PromptCompletionSample, Sample, TextSample
 from jaxtune.data.records import BadRecord, Location
-from jaxtune.errors import UserError
+from jaxtune.errors import UserError, check_local_dir
 
 
 def load_tokenizer(path: str):
@@ -27,11 +27,13 @@ def load_tokenizer(path: str):
 
     if not path:
         raise UserError("no tokenizer: set data.tokenizer_path or model.hf_path to a local directory.")
-    if not os.path.isdir(path):
-        raise UserError(f"tokenizer directory {path} does not exist (jaxtune never downloads from a hub).")
+    check_local_dir(path, "tokenizer")
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError... for a bad directory
+        if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
+            raise UserError(f"{path} has no tokenizer files (tokenizer.json); copy them there from the original "
+                            "model, or set data.tokenizer_path to a directory that has them.") from None
         raise UserError(f"cannot load a tokenizer from {path} ({str(e).strip().splitlines()[0]}).") from None
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"the tokenizer in {path} is not a fast tokenizer; jaxtune needs its tokenizer.json.")

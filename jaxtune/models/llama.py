@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtune.errors import UserError
+from jaxtune.errors import UserError, check_local_dir
 from jaxtune.sharding import BATCH_AXES, constrain
 from jaxtune.models.attention import ATTENTION_LSE, ATTENTION_OUT, causal_attention
 from jaxtune.models.matmul import dense, product
@@ -161,6 +161,7 @@ class LlamaConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "LlamaConfig":
+        check_local_dir(path, "model")
         file = os.path.join(path, "config.json")
         if not os.path.isfile(file):
             raise UserError(f"{path}: no config.json found; expected a Hugging Face model directory.")
