@@ -12,8 +12,10 @@ the shardings of the current mesh, so a run resumes on another mesh or device co
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -134,16 +136,17 @@ class Checkpointer:
                     "settings it was written with, or use a new workdir (or train.resume=never with "
                     "train.overwrite=True)."
                 )
+            _quiet_abandoned_reads(self.directory)  # before: the echoes start while the error unwinds
             try:
                 state, loop = self.restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 - any unreadable file means a corrupt checkpoint
                 if self.on_corrupt != "fallback":
                     raise UserError(
-                        f"checkpoint {where} is corrupted or unreadable ({type(e).__name__}: {str(e)[:200]}); "
+                        f"checkpoint {where} is corrupted or unreadable ({_root_cause(e)}); "
                         "delete it or set checkpoint.on_corrupt=fallback to resume from the one before."
                     ) from None
                 self._set_aside(step)
-                log(f"warning: checkpoint {where} is unreadable ({type(e).__name__}); moved it to "
+                log(f"warning: checkpoint {where} is unreadable ({_root_cause(e)}); moved it to "
                     f"{where}.corrupt and trying the previous one")
                 continue
             self._reconcile_best(step, state, loop, log)
@@ -257,3 +260,61 @@ class Checkpointer:
         self.wait()
         self.manager.close()
         self.best_manager.close()
+
+
+def _root_cause(error: BaseException, limit: int = 300) -> str:
+    """The innermost error's first line: TensorStore's reason ("Requested byte range ... is not
+    valid for value of size 100"), not Orbax's wrapper, whose text is a repr of the whole spec."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first[:limit]}" if first else type(error).__name__
+
+
+def _from_orbax(error: BaseException | None) -> bool:
+    tb = error.__traceback__ if error is not None else None
+    while tb is not None:
+        if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+_restored_dirs: set[str] = set()  # checkpoint directories restores have read from
+
+
+def _is_abandoned_read(error: BaseException | None, obj=None) -> bool:
+    """An error of a read that a failed restore left behind: raised in Orbax's code, about a
+    file of a checkpoint directory being restored (TensorStore's own futures), a read
+    coroutine dropped unfinished, or the closed event loop such reads report back to."""
+    code = getattr(obj, "cr_code", None)
+    return (
+        (isinstance(error, RuntimeError) and str(error) == "Event loop is closed")
+        or _from_orbax(error)
+        or (error is not None and any(d in str(error) for d in _restored_dirs))
+        or (code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename)
+    )
+
+
+class _AbandonedReadFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:  # asyncio's "... exception was never retrieved"
+        error = record.exc_info[1] if record.exc_info else None
+        return not ("never retrieved" in record.getMessage() and _is_abandoned_read(error))
+
+
+def _quiet_abandoned_reads(directory: str) -> None:
+    """A failed restore leaves Orbax's other reads in flight (its gather stops at the first
+    error and closes the event loop); as they finish they printed tracebacks ("Event loop is
+    closed", "Future exception was never retrieved", a never-awaited read coroutine), dozens
+    of them around the one-line report of the same failure. Those echoes are dropped;
+    everything else still reaches Python's hooks."""
+    if not _restored_dirs:
+        previous = sys.unraisablehook
+
+        def hook(unraisable):
+            if not _is_abandoned_read(unraisable.exc_value, unraisable.object):
+                previous(unraisable)
+
+        sys.unraisablehook = hook
+        logging.getLogger("asyncio").addFilter(_AbandonedReadFilter())
+    _restored_dirs.add(directory)
