@@ -69,41 +69,74 @@ def _scores(q, k, seg_q, seg_k, groups):
     return s.reshape(*lead, gq, t)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _block(q, k, v, seg_q, segment_ids, groups, dtype, end):
-    """softmax(q k^T + mask) v for one query block (q pre-scaled) over keys [0, end).
-
-    k, v and segment_ids are whole sequences, sliced in here: slices taken outside would
-    each be kept for the backward pass, ~8x k and v over 16 blocks. Returns `dtype`."""
-    return _block_fwd(q, k, v, seg_q, segment_ids, groups, dtype, end)[0]
+def _query_blocks(t: int) -> tuple[tuple[int, int], ...]:
+    """[start, end) of each query block; block i attends to keys [0, end_i), so the same
+    bounds cut the keys into the chunks whose gradients the backward pass sums."""
+    block = query_block_size(t)
+    return tuple((start, min(start + block, t)) for start in range(0, t, block))
 
 
-def _block_fwd(q, k_full, v_full, seg_q, segment_ids, groups, dtype, end):
-    q, k, v = q.astype(dtype), k_full[..., :end, :].astype(dtype), v_full[..., :end, :].astype(dtype)
-    s = _scores(q, k, seg_q, segment_ids[:, :end], groups)
-    lse = checkpoint_name(jax.nn.logsumexp(s, axis=-1, keepdims=True), ATTENTION_LSE)
-    p = jnp.exp(s - lse)
-    out = checkpoint_name(product("...qt,...th->...qh", p.astype(dtype), v).astype(dtype), ATTENTION_OUT)
-    return out, (q, k_full, v_full, seg_q, segment_ids, lse, out)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attend(qt, kt, vt, segment_ids, groups, dtype):
+    """softmax(q k^T + mask) v, a query block at a time: qt [*lead, G, T, H] (pre-scaled),
+    kt, vt [*lead, T, H]; returns [*lead, G, T, H] in `dtype`.
+
+    One custom VJP over every block, not one per block: per-block VJPs each returned
+    gradients for the whole key range, zero-padded past the block's end and cast to the
+    keys' dtype, which autodiff then summed (in bf16, with a round trip per block); here each
+    key chunk's gradient is summed in float32 from the blocks that saw it, and cast once."""
+    return _attend_fwd(qt, kt, vt, segment_ids, groups, dtype)[0]
 
 
-def _block_bwd(groups, dtype, end, residuals, d_out):
-    q, k_full, v_full, seg_q, segment_ids, lse, out = residuals
-    k, v = k_full[..., :end, :].astype(dtype), v_full[..., :end, :].astype(dtype)
-    p = jnp.exp(_scores(q, k, seg_q, segment_ids[:, :end], groups) - lse)
-    d_out_c = d_out.astype(dtype)
-    d_v = _bmm_keys_first(p.astype(dtype), d_out_c)
-    d_p = product("...qh,...th->...qt", d_out_c, v)
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    d_s = (p * (d_p - delta)).astype(dtype)
-    d_q = product("...qt,...th->...qh", d_s, k)
-    d_k = _bmm_keys_first(d_s, q)
-    rest = [(0, 0)] * (k_full.ndim - 2) + [(0, k_full.shape[-2] - end), (0, 0)]
-    d_k, d_v = jnp.pad(d_k, rest).astype(k_full.dtype), jnp.pad(d_v, rest).astype(v_full.dtype)
-    return d_q, d_k, d_v, None, None
+def _attend_fwd(qt, kt, vt, segment_ids, groups, dtype):
+    *lead, g, t, h = qt.shape
+    k, v = kt.astype(dtype), vt.astype(dtype)
+    outs, lses = [], []
+    for start, end in _query_blocks(t):
+        q = qt[..., start:end, :].reshape(*lead, g * (end - start), h).astype(dtype)
+        s = _scores(q, k[..., :end, :], segment_ids[:, start:end], segment_ids[:, :end], groups)
+        lse = checkpoint_name(jax.nn.logsumexp(s, axis=-1, keepdims=True), ATTENTION_LSE)
+        p = jnp.exp(s - lse)
+        out = product("...qt,...th->...qh", p.astype(dtype), v[..., :end, :]).astype(dtype)
+        outs.append(checkpoint_name(out, ATTENTION_OUT))
+        lses.append(lse)
+    full = jnp.concatenate([o.reshape(*lead, g, -1, h) for o in outs], axis=-2)
+    return full, (qt, kt, vt, segment_ids, tuple(lses), tuple(outs))
 
 
-_block.defvjp(_block_fwd, _block_bwd)
+def _attend_bwd(groups, dtype, residuals, d_out):
+    qt, kt, vt, segment_ids, lses, outs = residuals
+    *lead, g, t, h = qt.shape
+    k_all, v_all = kt.astype(dtype), vt.astype(dtype)
+    blocks = _query_blocks(t)
+    d_k_chunks = [[] for _ in blocks]  # key chunk j: a piece from every block i >= j
+    d_v_chunks = [[] for _ in blocks]
+    d_qs = []
+    for i, (start, end) in enumerate(blocks):
+        rows = g * (end - start)
+        q = qt[..., start:end, :].reshape(*lead, rows, h).astype(dtype)
+        k, v = k_all[..., :end, :], v_all[..., :end, :]
+        p = jnp.exp(_scores(q, k, segment_ids[:, start:end], segment_ids[:, :end], groups) - lses[i])
+        d_o = d_out[..., start:end, :].reshape(*lead, rows, h)
+        d_o_c = d_o.astype(dtype)
+        d_v = _bmm_keys_first(p.astype(dtype), d_o_c)
+        d_p = product("...qh,...th->...qt", d_o_c, v)
+        delta = jnp.sum(d_o.astype(jnp.float32) * outs[i].astype(jnp.float32), axis=-1, keepdims=True)
+        d_s = (p * (d_p - delta)).astype(dtype)
+        d_qs.append(product("...qt,...th->...qh", d_s, k).reshape(*lead, g, end - start, h))
+        d_k = _bmm_keys_first(d_s, q)
+        for j, (lo, hi) in enumerate(blocks[: i + 1]):
+            d_k_chunks[j].append(d_k[..., lo:hi, :])
+            d_v_chunks[j].append(d_v[..., lo:hi, :])
+
+    def summed(chunks):
+        return jnp.concatenate([functools.reduce(jnp.add, pieces) for pieces in chunks], axis=-2)
+
+    d_q = jnp.concatenate(d_qs, axis=-2)
+    return d_q.astype(qt.dtype), summed(d_k_chunks).astype(kt.dtype), summed(d_v_chunks).astype(vt.dtype), None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def causal_attention(q, k, v, segment_ids, dtype) -> jax.Array:
@@ -112,7 +145,6 @@ def causal_attention(q, k, v, segment_ids, dtype) -> jax.Array:
     Returns [B, T, K, G, H] in `dtype`; a position attends to earlier positions of its segment.
     """
     b, t, kh, g, h = q.shape
-    block = query_block_size(t)
     if matmul.cpu_layouts():
         # One batch axis B*K (1.5x faster bf16 blocks on XLA:CPU), split over the batch axes
         # then tensor, as B and K are when each data-parallel group holds one row (without
@@ -126,12 +158,5 @@ def causal_attention(q, k, v, segment_ids, dtype) -> jax.Array:
     qt = constrain(jnp.transpose(q, (0, 2, 3, 1, 4)).reshape(*lead, g, t, h), *split)  # [*lead, G, T, H]
     kt = constrain(jnp.transpose(k, (0, 2, 1, 3)).reshape(*lead, t, h), *split)  # [*lead, T, H]
     vt = constrain(jnp.transpose(v, (0, 2, 1, 3)).reshape(*lead, t, h), *split)
-    outs = []
-    for start in range(0, t, block):
-        end = min(start + block, t)
-        q_blk = qt[..., start:end, :].reshape(*lead, g * (end - start), h)
-        out = _block(q_blk, kt, vt, segment_ids[:, start:end], segment_ids, g, dtype, end)
-        outs.append(out.reshape(b, kh, g, end - start, h))
-    out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
-    out = constrain(out, *_BATCH_THEN_HEADS)
+    out = constrain(_attend(qt, kt, vt, segment_ids, g, dtype).reshape(b, kh, g, t, h), *_BATCH_THEN_HEADS)
     return jnp.transpose(out, (0, 3, 1, 2, 4))  # [B, T, K, G, H]
