@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -136,10 +137,11 @@ class Checkpointer:
                     "settings it was written with, or use a new workdir (or train.resume=never with "
                     "train.overwrite=True)."
                 )
-            _quiet_abandoned_reads(self.directory)  # before: the echoes start while the error unwinds
+            _expect_abandoned_reads(where)  # before: the echoes start while the error unwinds
             try:
                 state, loop = self.restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 - any unreadable file means a corrupt checkpoint
+                _restored_dirs[where + os.sep] = time.monotonic()  # its stray reads finish soon after
                 if self.on_corrupt != "fallback":
                     raise UserError(
                         f"checkpoint {where} is corrupted or unreadable ({_root_cause(e)}); "
@@ -149,6 +151,7 @@ class Checkpointer:
                 log(f"warning: checkpoint {where} is unreadable ({_root_cause(e)}); moved it to "
                     f"{where}.corrupt and trying the previous one")
                 continue
+            _restored_dirs.pop(where + os.sep, None)  # read in full: nothing of it is left in flight
             self._reconcile_best(step, state, loop, log)
             return step, state, loop
         return None
@@ -264,34 +267,39 @@ class Checkpointer:
 
 def _root_cause(error: BaseException, limit: int = 300) -> str:
     """The innermost error's first line: TensorStore's reason ("Requested byte range ... is not
-    valid for value of size 100"), not Orbax's wrapper, whose text is a repr of the whole spec."""
-    while error.__cause__ is not None or error.__context__ is not None:
-        error = error.__cause__ or error.__context__
+    valid for value of size 100"), not Orbax's wrapper, whose text is a repr of the whole spec.
+    A context hidden by `raise ... from None` stays hidden (json's decode error hides a
+    StopIteration)."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        inner = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        if inner is None:
+            break
+        error = inner
     first = (str(error).strip().splitlines() or [""])[0]
     return f"{type(error).__name__}: {first[:limit]}" if first else type(error).__name__
 
 
-def _from_orbax(error: BaseException | None) -> bool:
-    tb = error.__traceback__ if error is not None else None
-    while tb is not None:
-        if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
-            return True
-        tb = tb.tb_next
-    return False
-
-
-_restored_dirs: set[str] = set()  # checkpoint directories restores have read from
+# Checkpoint step directories being restored (None) or whose restore failed (when): a failed
+# restore's stray reads are local or network file reads, done well within this many seconds.
+_restored_dirs: dict[str, float | None] = {}
+_ECHO_SECONDS = 60.0
 
 
 def _is_abandoned_read(error: BaseException | None, obj=None) -> bool:
-    """An error of a read that a failed restore left behind: raised in Orbax's code, about a
-    file of a checkpoint directory being restored (TensorStore's own futures), a read
-    coroutine dropped unfinished, or the closed event loop such reads report back to."""
+    """An error of a read that a failed restore left behind: about a file of a checkpoint
+    whose restore failed (TensorStore's futures, Orbax's read tasks), a read coroutine of
+    Orbax's dropped unfinished, or the closed event loop such reads report back to. Nothing
+    is taken for one unless a restore is in progress or failed less than a minute ago."""
+    now = time.monotonic()
+    active = [d for d, failed in _restored_dirs.items() if failed is None or now - failed < _ECHO_SECONDS]
+    if not active:
+        return False
     code = getattr(obj, "cr_code", None)
     return (
         (isinstance(error, RuntimeError) and str(error) == "Event loop is closed")
-        or _from_orbax(error)
-        or (error is not None and any(d in str(error) for d in _restored_dirs))
+        or (error is not None and any(d in str(error) for d in active))
         or (code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename)
     )
 
@@ -302,19 +310,26 @@ class _AbandonedReadFilter(logging.Filter):
         return not ("never retrieved" in record.getMessage() and _is_abandoned_read(error))
 
 
-def _quiet_abandoned_reads(directory: str) -> None:
+_hooks_installed = False
+
+
+def _expect_abandoned_reads(step_dir: str) -> None:
     """A failed restore leaves Orbax's other reads in flight (its gather stops at the first
     error and closes the event loop); as they finish they printed tracebacks ("Event loop is
     closed", "Future exception was never retrieved", a never-awaited read coroutine), dozens
-    of them around the one-line report of the same failure. Those echoes are dropped;
-    everything else still reaches Python's hooks."""
-    if not _restored_dirs:
-        previous = sys.unraisablehook
+    of them around the one-line report of the same failure. While `step_dir` is being
+    restored, and for a minute after its restore failed, those echoes are dropped; everything
+    else still reaches Python's hooks, and after a successful restore nothing is filtered."""
+    global _hooks_installed
+    _restored_dirs[step_dir + os.sep] = None
+    if _hooks_installed:
+        return
+    _hooks_installed = True
+    previous = sys.unraisablehook
 
-        def hook(unraisable):
-            if not _is_abandoned_read(unraisable.exc_value, unraisable.object):
-                previous(unraisable)
+    def hook(unraisable):
+        if not _is_abandoned_read(unraisable.exc_value, unraisable.object):
+            previous(unraisable)
 
-        sys.unraisablehook = hook
-        logging.getLogger("asyncio").addFilter(_AbandonedReadFilter())
-    _restored_dirs.add(directory)
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_AbandonedReadFilter())

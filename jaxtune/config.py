@@ -154,7 +154,8 @@ def _wrong_type_message(error: TypeError) -> str:
     if m is None:
         return text
     field, value, got, want = m.groups()
-    message = f"{field} must be of type {want}, got the {got} {value!r}"
+    shown = repr(value) if got == "str" else value  # the message holds str(value): quote only strings
+    message = f"{field} must be of type {want}, got the {got} {shown}"
     if want in ("tuple", "list") and got == "str":
         message += f' (one item is ("{value}",), with the comma)'
     return message + "."
@@ -208,7 +209,7 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> No
             keys = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
             where = ".".join(parts[:i]) or "config"
             close = difflib.get_close_matches(part, keys, n=1)
-            hint = f"did you mean {'.'.join([*parts[:i], close[0]])!r}? " if close else ""
+            hint = f"did you mean {'.'.join([*parts[:i], close[0], *parts[i + 1:]])!r}? " if close else ""
             raise UserError(f"unknown config key {key!r}: {where} has no {part!r} ({hint}it has: {', '.join(keys)}).")
         if i < len(parts) - 1:
             node = node[part]

@@ -255,12 +255,15 @@ class _Loop:
             f"({self.loader.steps_per_epoch} per epoch), warmup {num_warmup_steps(opt_settings, self.total_steps)}"
         )
         self._warn_if_early_stopping_cannot_fire()
-        if c.data.max_seq_len > self.model_config.max_position_embeddings:  # RoPE computes any position
+        context = self.model_config.context_length
+        if c.data.max_seq_len > context:  # RoPE computes any position
+            scaling = self.model_config.rope_scaling
             self.log.message(
-                f"warning: data.max_seq_len={c.data.max_seq_len} is longer than the model's context "
-                f"(max_position_embeddings={self.model_config.max_position_embeddings} in {c.model.hf_path}/config.json): "
-                "positions past it were never trained, so this is context extension, which usually also needs "
-                "RoPE scaling (rope_scaling in config.json)."
+                f"warning: data.max_seq_len={c.data.max_seq_len} is longer than the model's context ({context}: "
+                f"max_position_embeddings={self.model_config.max_position_embeddings}"
+                + (f" x linear RoPE factor {scaling.factor:g}" if scaling and scaling.rope_type == "linear" else "")
+                + f" in {c.model.hf_path}/config.json): positions past it were never trained, so this is context "
+                "extension" + ("." if scaling else ", which usually also needs RoPE scaling (rope_scaling in config.json).")
             )
         if c.model.param_dtype == "bfloat16":
             self.log.message(

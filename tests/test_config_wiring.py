@@ -13,6 +13,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 import types
 
 import jax
@@ -26,6 +27,7 @@ from jaxtune.data import DataSettings
 from jaxtune.errors import UserError
 from jaxtune.optim import OptimizerSettings
 from jaxtune.train import run
+from helpers import edit_config
 from run_helpers import make_config, train_losses
 
 NO_EVAL = {"data__eval_files": (), "data__eval_fraction": 0.0}
@@ -297,12 +299,20 @@ def test_logging_progress_bar(tiny, monkeypatch, capsys, progress_bar):
     assert "7 steps (25 per epoch)" in out.out + out.err  # the run got as far as its summary either way
 
 
-@pytest.mark.parametrize("max_seq_len, warned", [(1024, True), (512, False)])
-def test_a_sequence_longer_than_the_models_context_is_warned_about(tiny, monkeypatch, capsys, max_seq_len, warned):
-    """The demo model's max_position_embeddings is 512; nothing said so when rows were longer."""
-    _run_recorded(monkeypatch, tiny(data__max_seq_len=max_seq_len, data__packing=False))
+@pytest.mark.parametrize("max_seq_len, factor, warned", [(1024, None, True), (512, None, False), (1024, 4.0, False)])
+def test_a_sequence_longer_than_the_models_context_is_warned_about(tiny, monkeypatch, capsys, tmp_path, max_seq_len,
+                                                                   factor, warned):
+    """The demo model's max_position_embeddings is 512; nothing said so when rows were longer.
+    Linear RoPE scaling stretches the context (512 x 4 here): no warning then."""
+    overrides = tiny(data__max_seq_len=max_seq_len, data__packing=False)
+    if factor:
+        model = tmp_path / "scaled"
+        shutil.copytree(overrides["model.hf_path"], model)
+        edit_config(model, rope_scaling={"rope_type": "linear", "factor": factor})
+        overrides["model.hf_path"] = str(model)
+    _run_recorded(monkeypatch, overrides)
     out = capsys.readouterr()
-    message = f"warning: data.max_seq_len={max_seq_len} is longer than the model's context (max_position_embeddings=512"
+    message = f"warning: data.max_seq_len={max_seq_len} is longer than the model's context (512: max_position_embeddings=512"
     assert (message in out.out + out.err) is warned
 
 

@@ -173,3 +173,24 @@ def test_no_remat_policy_keeps_memory_quadratic_in_the_sequence(policy):
     attention block's float32 scores (4 GiB per layer for one 8k-token row of Llama 3 8B)."""
     short, long = _saved_bytes(policy, 512), _saved_bytes(policy, 2048)
     assert long < 4.4 * short, (policy, short, long)
+
+
+def test_attention_keeps_its_inputs_for_the_backward_pass_in_the_compute_dtype():
+    """With bf16 compute the backward pass needs q, k, v only as the products use them, in bf16;
+    keeping the float32 q and k (RoPE's outputs) doubled those residuals."""
+    import contextlib
+    import io
+
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from jaxtune.models.attention import causal_attention
+
+    b, t, kv_heads, groups, h = 2, 128, 2, 3, 16
+    q, k = jnp.ones((b, t, kv_heads, groups, h)), jnp.ones((b, t, kv_heads, h))
+    v = jnp.ones((b, t, kv_heads, h), jnp.bfloat16)
+    segments = jnp.ones((b, t), jnp.int32)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_saved_residuals(lambda q, k, v: causal_attention(q, k, v, segments, jnp.bfloat16), q, k, v)
+    float32 = [line for line in out.getvalue().splitlines() if line.startswith("f32[") and not line.startswith("f32[]")]
+    assert float32 and all("named 'attention_lse'" in line for line in float32), float32  # only the log-sum-exp

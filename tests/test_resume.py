@@ -17,6 +17,7 @@ import pytest
 
 import jaxtune.train
 from jaxtune.checkpoint import Checkpointer
+from jaxtune.state import LoopState
 from jaxtune.errors import UserError
 from jaxtune.train import AnomalyStop, run
 from helpers import edit_config
@@ -232,6 +233,45 @@ def test_corrupted_checkpoint_is_named_and_can_fall_back(reference, tmp_path):
     result = run(make_config(overrides(tmp_path / "run", checkpoint__on_corrupt="fallback")))
     assert result.stop_reason == "completed"
     assert train_losses(result.history) == train_losses(ref.history)
+
+
+def _saved_checkpoints(tmp_path, steps=(1, 2)):
+    ckpt = Checkpointer(str(tmp_path / "w"), keep=3, keep_best=1, metric="eval_loss", greater_is_better=False)
+    for step in steps:
+        ckpt.save(step, {"x": np.full((4, 64), float(step), np.float32)}, LoopState())
+    ckpt.manager.wait_until_finished()
+    abstract = {"x": jax.ShapeDtypeStruct((4, 64), np.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}
+    return ckpt, abstract
+
+
+def test_an_emptied_checkpoint_file_is_named_by_its_real_error(tmp_path):
+    """An empty file (a crash or a full disk) made the message name json's hidden StopIteration
+    ("StopIteration: 0"), the context json raises its decode error `from None` over."""
+    ckpt, abstract = _saved_checkpoints(tmp_path)
+    (tmp_path / "w" / "checkpoints" / "2" / "loop" / "metadata").write_text("")
+    with pytest.raises(UserError, match=r"checkpoints/2 is corrupted or unreadable \(JSONDecodeError: Expecting value"):
+        ckpt.restore_latest(abstract)
+
+
+def test_after_a_good_restore_no_error_is_taken_for_an_echo_of_a_failed_one(tmp_path, monkeypatch):
+    """The filter for a failed restore's stray reads was installed for good at the first
+    restore: a later error naming a checkpoint file, or any 'Event loop is closed', vanished."""
+    from jaxtune import checkpoint
+
+    monkeypatch.setattr(checkpoint, "_restored_dirs", {})  # no failed restore of another test within the minute
+    ckpt, abstract = _saved_checkpoints(tmp_path)
+    step, state, _ = ckpt.restore_latest(abstract)
+    assert step == 2 and float(state["x"][0, 0]) == 2.0
+    later = OSError(28, "No space left on device", str(tmp_path / "w" / "checkpoints" / "2" / "x"))
+    assert not checkpoint._is_abandoned_read(later)
+    assert not checkpoint._is_abandoned_read(RuntimeError("Event loop is closed"))
+    # while a failed restore's reads may still be finishing, its echoes are recognised, not others
+    failed = str(tmp_path / "w" / "checkpoints" / "2") + os.sep
+    checkpoint._restored_dirs[failed] = time.monotonic()
+    assert checkpoint._is_abandoned_read(ValueError(f'Error reading "x/0.0" in OCDBT database at local file "{failed}state/"'))
+    assert not checkpoint._is_abandoned_read(OSError(28, "No space left on device", "/elsewhere/x"))
+    checkpoint._restored_dirs[failed] = time.monotonic() - 61
+    assert not checkpoint._is_abandoned_read(RuntimeError("Event loop is closed"))
 
 
 def _unstable(overrides, workdir, max_steps=16, **kw):

@@ -21,7 +21,7 @@ from run_helpers import ROOT, make_config, read_metrics, run_py, write_recipe
     [
         (["--config.optimizer.nope=1"], "unknown config key 'optimizer.nope'"),
         (["--config.train.eval_evry=5"], "train has no 'eval_evry' (did you mean 'train.eval_every'? it has: "),
-        (["--config.trian.max_steps=5"], "config has no 'trian' (did you mean 'train'? it has: "),
+        (["--config.trian.max_steps=5"], "config has no 'trian' (did you mean 'train.max_steps'? it has: "),
         (["--config.train.global_batch_size=abc"], "--config.train.global_batch_size expects a value of type int"),
         (["--config.checkpoint.greater_is_better=maybe"], "--config.checkpoint.greater_is_better expects true or false"),
         (["--config.optimizer.schedule=exponential"], "optimizer.schedule must be one of"),
@@ -107,6 +107,7 @@ def test_a_recipe_that_fails_to_run_is_one_clear_error(text, message, tmp_path):
         ("c.data.train_files = ('train.jsonl')", "train_files must be of type tuple, got the str 'train.jsonl' "
                                                  "(one item is (\"train.jsonl\",), with the comma)."),
         ("c.train.max_steps = '5'", "max_steps must be of type int, got the str '5'."),
+        ("c.model.hf_path = 5", "hf_path must be of type str, got the int 5."),  # was "got the int '5'"
     ],
 )
 def test_a_recipe_that_sets_a_misspelt_key_or_a_wrong_type_is_refused(line, message, tmp_path):

@@ -101,20 +101,22 @@ def _attend_fwd(qt, kt, vt, segment_ids, groups, dtype):
         outs.append(checkpoint_name(out, ATTENTION_OUT))
         lses.append(lse)
     full = jnp.concatenate([o.reshape(*lead, g, -1, h) for o in outs], axis=-2)
-    return full, (qt, kt, vt, segment_ids, tuple(lses), tuple(outs))
+    # q, k, v kept in `dtype`, as the products use them (float32 copies doubled these residuals),
+    # with zero-size stand-ins for the dtypes their gradients must have
+    protos = tuple(jnp.zeros((), x.dtype) for x in (qt, kt, vt))
+    return full, (qt.astype(dtype), k, v, segment_ids, tuple(lses), tuple(outs), protos)
 
 
 def _attend_bwd(groups, dtype, residuals, d_out):
-    qt, kt, vt, segment_ids, lses, outs = residuals
+    qt, k_all, v_all, segment_ids, lses, outs, (q_proto, k_proto, v_proto) = residuals
     *lead, g, t, h = qt.shape
-    k_all, v_all = kt.astype(dtype), vt.astype(dtype)
     blocks = _query_blocks(t)
     d_k_chunks = [[] for _ in blocks]  # key chunk j: a piece from every block i >= j
     d_v_chunks = [[] for _ in blocks]
     d_qs = []
     for i, (start, end) in enumerate(blocks):
         rows = g * (end - start)
-        q = qt[..., start:end, :].reshape(*lead, rows, h).astype(dtype)
+        q = qt[..., start:end, :].reshape(*lead, rows, h)
         k, v = k_all[..., :end, :], v_all[..., :end, :]
         p = jnp.exp(_scores(q, k, segment_ids[:, start:end], segment_ids[:, :end], groups) - lses[i])
         d_o = d_out[..., start:end, :].reshape(*lead, rows, h)
@@ -133,7 +135,8 @@ def _attend_bwd(groups, dtype, residuals, d_out):
         return jnp.concatenate([functools.reduce(jnp.add, pieces) for pieces in chunks], axis=-2)
 
     d_q = jnp.concatenate(d_qs, axis=-2)
-    return d_q.astype(qt.dtype), summed(d_k_chunks).astype(kt.dtype), summed(d_v_chunks).astype(vt.dtype), None
+    return (d_q.astype(q_proto.dtype), summed(d_k_chunks).astype(k_proto.dtype),
+            summed(d_v_chunks).astype(v_proto.dtype), None)
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)

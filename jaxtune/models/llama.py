@@ -93,6 +93,15 @@ class LlamaConfig:
             raise UserError(f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
 
     @property
+    def context_length(self) -> int:
+        """Positions the model was trained on: linear RoPE scaling keeps the original
+        max_position_embeddings and stretches it by `factor` (e.g. 4096 x 4 for a 16k model);
+        llama3 scaling's max_position_embeddings is already the extended length."""
+        s = self.rope_scaling
+        factor = s.factor if s is not None and s.rope_type == "linear" else 1.0
+        return int(self.max_position_embeddings * factor)
+
+    @property
     def num_params(self) -> int:
         d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
         n, k, h = self.num_attention_heads, self.num_key_value_heads, self.head_dim
