@@ -735,14 +735,16 @@ def test_evaluation_time_is_not_counted_as_training_time(reference, tmp_path, mo
     original = jaxtune.train.evaluate
 
     def slow_evaluate(*args, **kwargs):
-        time.sleep(2.0)
+        time.sleep(4.0)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(jaxtune.train, "evaluate", slow_evaluate)
     result = run(make_config(overrides(tmp_path / "run", train__log_every=4, train__eval_every=6)))
     tps = {r["step"]: r["tokens_per_sec"] for r in result.history if "loss" in r}
-    # Steps 5-8 include the evaluation at step 6; counted, it would cut their rate ~10x.
-    assert tps[8] > 0.5 * tps[4], tps
+    # Steps 5-8 include the evaluation at step 6; counted, it would cut their rate ~15x. They
+    # also share the cores with the background writes of checkpoint 4 and best/6, which once
+    # made them 3.6x slower in the full suite (8 fake devices on 2 cores): hence the margin.
+    assert tps[8] > 0.2 * tps[4], tps
 
 
 def _tensorboard_scalars(workdir, tag):
