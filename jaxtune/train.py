@@ -174,9 +174,7 @@ class _Loop:
                                 process_count=procs, log=log, gather=distributed.gather)
         _check_token_ids(data, self.model_config.vocab_size, self.data_settings.tokenizer_path,
                          len(tokenizer), c.model.hf_path)
-        self.eval_rows = data.eval if has_eval_data(c) else None
-        if self.eval_rows is not None and distributed.global_max(len(self.eval_rows)) == 0:
-            self.eval_rows = None
+        self.eval_rows = data.eval if has_eval_data(c) else None  # some process has rows: prepare_datasets checked
         self.loader = BatchLoader(data.train, t.global_batch_size // procs, t.seed,
                                   usable_rows=distributed.global_min(len(data.train)))
         self.total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_epochs * self.loader.steps_per_epoch)

@@ -24,7 +24,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from jaxtune.errors import UserError, check_local_dir
+from jaxtune.errors import UserError
 from jaxtune.models.llama import Llama, LlamaConfig
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -503,8 +503,7 @@ def from_pretrained(
     Pickle weights (`pytorch_model.bin`) are refused unless `allow_pickle=True`.
     """
     path = os.fspath(path)
-    check_local_dir(path, "model")
-    config = LlamaConfig.from_pretrained(path)
+    config = LlamaConfig.from_pretrained(path)  # a missing directory, or a file named instead, says so
     _check_dtype(dtype, "dtype")
     if compute_dtype is not None:
         _check_dtype(compute_dtype, "compute_dtype")
