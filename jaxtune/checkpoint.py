@@ -12,6 +12,7 @@ the shardings of the current mesh, so a run resumes on another mesh or device co
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -137,11 +138,10 @@ class Checkpointer:
                     "settings it was written with, or use a new workdir (or train.resume=never with "
                     "train.overwrite=True)."
                 )
-            _expect_abandoned_reads(where)  # before: the echoes start while the error unwinds
             try:
-                state, loop = self.restore(step, abstract_state)
+                with _quiet_abandoned_reads(where):
+                    state, loop = self.restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 - any unreadable file means a corrupt checkpoint
-                _restored_dirs[where + os.sep] = time.monotonic()  # its stray reads finish soon after
                 if self.on_corrupt != "fallback":
                     raise UserError(
                         f"checkpoint {where} is corrupted or unreadable ({_root_cause(e)}); "
@@ -151,7 +151,6 @@ class Checkpointer:
                 log(f"warning: checkpoint {where} is unreadable ({_root_cause(e)}); moved it to "
                     f"{where}.corrupt and trying the previous one")
                 continue
-            _restored_dirs.pop(where + os.sep, None)  # read in full: nothing of it is left in flight
             self._reconcile_best(step, state, loop, log)
             return step, state, loop
         return None
@@ -313,23 +312,31 @@ class _AbandonedReadFilter(logging.Filter):
 _hooks_installed = False
 
 
-def _expect_abandoned_reads(step_dir: str) -> None:
-    """A failed restore leaves Orbax's other reads in flight (its gather stops at the first
-    error and closes the event loop); as they finish they printed tracebacks ("Event loop is
-    closed", "Future exception was never retrieved", a never-awaited read coroutine), dozens
-    of them around the one-line report of the same failure. While `step_dir` is being
-    restored, and for a minute after its restore failed, those echoes are dropped; everything
-    else still reaches Python's hooks, and after a successful restore nothing is filtered."""
+@contextlib.contextmanager
+def _quiet_abandoned_reads(step_dir: str):
+    """Around a restore of `step_dir`. A failed restore leaves Orbax's other reads in flight
+    (its gather stops at the first error and closes the event loop); as they finish they
+    printed tracebacks ("Event loop is closed", "Future exception was never retrieved", a
+    never-awaited read coroutine), dozens of them around the one-line report of the same
+    failure. During the restore (the echoes start while its error unwinds) and for a minute
+    after it failed, those echoes are dropped; everything else still reaches Python's hooks,
+    and after a successful restore nothing is filtered."""
     global _hooks_installed
-    _restored_dirs[step_dir + os.sep] = None
-    if _hooks_installed:
-        return
-    _hooks_installed = True
-    previous = sys.unraisablehook
+    key = step_dir + os.sep
+    _restored_dirs[key] = None
+    if not _hooks_installed:
+        _hooks_installed = True
+        previous = sys.unraisablehook
 
-    def hook(unraisable):
-        if not _is_abandoned_read(unraisable.exc_value, unraisable.object):
-            previous(unraisable)
+        def hook(unraisable):
+            if not _is_abandoned_read(unraisable.exc_value, unraisable.object):
+                previous(unraisable)
 
-    sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(_AbandonedReadFilter())
+        sys.unraisablehook = hook
+        logging.getLogger("asyncio").addFilter(_AbandonedReadFilter())
+    try:
+        yield
+    except BaseException:
+        _restored_dirs[key] = time.monotonic()  # its stray reads finish soon after
+        raise
+    del _restored_dirs[key]  # read in full: nothing of it is left in flight
