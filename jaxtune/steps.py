@@ -68,6 +68,15 @@ def state_shardings(mesh: Mesh, optimizer: optax.GradientTransformation, abstrac
     )
 
 
+def abstract_train_state(mesh: Mesh, optimizer: optax.GradientTransformation, abstract_params,
+                         window: int) -> tuple[TrainState, TrainState]:
+    """The train state as shapes carrying their shardings, and the shardings: enough to
+    compile the step (and read its memory) before any weight exists."""
+    shapes = jax.eval_shape(lambda p: TrainState.create(p, optimizer.init(p), window), abstract_params)
+    shardings = state_shardings(mesh, optimizer, shapes)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings), shardings
+
+
 def train_batch_sharding(mesh: Mesh) -> Batch:
     s = NamedSharding(mesh, P(None, sharding.BATCH_AXES, None))
     return Batch(*(s,) * len(BATCH_FIELDS))

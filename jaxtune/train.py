@@ -33,7 +33,8 @@ from jaxtune.optim import OptimizerSettings, build_optimizer, lr_schedule, num_w
 from jaxtune.preemption import ExitOnSignal, StopRequest
 from jaxtune.state import DataOrder, IntervalState, LoopState, TrainState
 from jaxtune.steps import (
-    StepSettings, abstract_batch, fetch_metrics, make_eval_step, make_train_step, state_shardings, to_global_batch,
+    StepSettings, abstract_batch, abstract_train_state, fetch_metrics, make_eval_step, make_train_step,
+    to_global_batch,
 )
 
 
@@ -186,13 +187,8 @@ class _Loop:
         opt_settings = OptimizerSettings.from_config(c.optimizer)
         self.optimizer = build_optimizer(opt_settings, self.total_steps)
         self.schedule = lr_schedule(opt_settings, self.total_steps)
-        abstract_state = jax.eval_shape(
-            lambda p: TrainState.create(p, self.optimizer.init(p), c.anomaly.window), self.abstract_params
-        )
-        self.shardings = state_shardings(self.mesh, self.optimizer, abstract_state)
-        self.abstract_state = jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, self.shardings
-        )
+        self.abstract_state, self.shardings = abstract_train_state(self.mesh, self.optimizer, self.abstract_params,
+                                                                   c.anomaly.window)
         fresh = None
         if c.train.resume == "never":  # weights first: a bad model directory must not cost the old run
             fresh = self._fresh_state()

@@ -14,7 +14,7 @@ from jaxtune.models.hf_io import abstract_model, load_params
 from jaxtune.models.llama import LlamaConfig
 from jaxtune.optim import OptimizerSettings, build_optimizer, lr_schedule
 from jaxtune.state import TrainState
-from jaxtune.steps import StepSettings, make_eval_step, make_train_step, state_shardings, to_global_batch
+from jaxtune.steps import StepSettings, abstract_train_state, make_eval_step, make_train_step, to_global_batch
 
 
 def synthetic_rows(n, seq_len, vocab=128, seed=0, weight_prob=0.7):
@@ -50,10 +50,7 @@ class Trainer:
         settings = opt or OptimizerSettings(lr=1e-2, warmup_steps=2, weight_decay=0.1)
         self.optimizer = build_optimizer(settings, total_steps)
         self.schedule = lr_schedule(settings, total_steps)
-        abstract_state = jax.eval_shape(lambda p: TrainState.create(p, self.optimizer.init(p), window), params_abstract)
-        self.shardings = state_shardings(self.mesh, self.optimizer, abstract_state)
-        self.abstract_state = jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, self.shardings)
+        self.abstract_state, self.shardings = abstract_train_state(self.mesh, self.optimizer, params_abstract, window)
         params = load_params(path, params_abstract, self.config, sharding.param_sharding_fn(self.mesh))
         self.state = jax.jit(
             lambda p: TrainState.create(p, self.optimizer.init(p), window),
