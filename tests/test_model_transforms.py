@@ -167,6 +167,25 @@ def _saved_bytes(policy, seq_len):
                for dt, dims in re.findall(r"^(\w+)\[([\d,]*)\]", out.getvalue(), re.M))
 
 
+def test_on_accelerators_remat_keeps_bf16_projection_outputs_in_bf16(monkeypatch):
+    """A bf16 projection returned its float32 sum and was cast after it, so remat `dots`
+    (which saves products' results) kept every projection's output at twice the bytes
+    needed. On GPUs and TPUs the product now rounds on output. (XLA:CPU would turn the
+    saved bf16 buffers back into float32 itself, so on CPU the products stay float32.)"""
+    from jaxtune.models import matmul
+
+    layers, tokens = 2, 256  # as _saved_bytes makes them
+    c = LlamaConfig.from_hf_dict(TINY)
+    # What `dots` saves of a layer's projections: q, k, v, o, gate, up (the down projection's
+    # output is only added to the residual stream, and the next layer's input is kept).
+    widths = (c.num_attention_heads * c.head_dim + 2 * c.num_key_value_heads * c.head_dim
+              + c.hidden_size + 2 * c.intermediate_size)
+    on_cpu = _saved_bytes("dots", tokens)
+    monkeypatch.setattr(matmul, "cpu_layouts", lambda: False)
+    on_accelerators = _saved_bytes("dots", tokens)
+    assert on_cpu - on_accelerators == layers * tokens * widths * 2  # each projection: 4 -> 2 bytes a value
+
+
 @pytest.mark.parametrize("policy", list(REMAT_POLICIES))
 def test_no_remat_policy_keeps_memory_quadratic_in_the_sequence(policy):
     """What the backward pass keeps grows like T, not T^2: `dots` used to save every

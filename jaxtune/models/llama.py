@@ -27,7 +27,7 @@ from flax import nnx
 from jaxtune.errors import UserError, check_local_dir
 from jaxtune.sharding import BATCH_AXES, constrain
 from jaxtune.models.attention import ATTENTION_LSE, ATTENTION_OUT, causal_attention
-from jaxtune.models.matmul import dense, product
+from jaxtune.models.matmul import dense, product, rounded_result_dtype
 from jaxtune.models.swiglu import swiglu
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -325,11 +325,13 @@ class Projection(nnx.Module):
 
         Products accumulate in float32 and are stored in compute_dtype (as torch autocast
         does): in bf16 that halves the memory traffic of everything between the matmuls.
+        A bias is added to the float32 sum, so the result is rounded once either way.
         """
         w = self.kernel[...]
         in_shape, out_shape = w.shape[: self.n_in], w.shape[self.n_in:]
         k, n = math.prod(in_shape), math.prod(out_shape)
-        y = dense(x.reshape(x.shape[0], k), w.reshape(k, n), compute_dtype).reshape(x.shape[0], *out_shape)
+        result = jnp.float32 if self.bias is not None else rounded_result_dtype(compute_dtype)
+        y = dense(x.reshape(x.shape[0], k), w.reshape(k, n), compute_dtype, result).reshape(x.shape[0], *out_shape)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(compute_dtype)
