@@ -249,6 +249,15 @@ class _Loop:
             f"({self.loader.steps_per_epoch} per epoch), warmup {num_warmup_steps(opt_settings, self.total_steps)}"
         )
         self._warn_if_early_stopping_cannot_fire()
+        warmup = num_warmup_steps(opt_settings, self.total_steps)
+        if warmup >= self.total_steps > 1:
+            source = (f"optimizer.warmup_steps={warmup}" if opt_settings.warmup_steps > 0
+                      else f"{warmup} steps from optimizer.warmup_ratio={opt_settings.warmup_ratio:g}")
+            self.log.message(
+                f"warning: the warmup ({source}) is not shorter than the run ({self.total_steps} steps): "
+                f"the learning rate only rises and ends at {(self.total_steps - 1) / warmup:.3g} x optimizer.lr, "
+                "with no decay."
+            )
         context = self.model_config.context_length
         if c.data.max_seq_len > context:  # RoPE computes any position
             scaling = self.model_config.rope_scaling

@@ -316,6 +316,22 @@ def test_a_sequence_longer_than_the_models_context_is_warned_about(tiny, monkeyp
     assert (message in out.out + out.err) is warned
 
 
+@pytest.mark.parametrize("warmup_steps, warmup_ratio, source", [
+    (12, 0.0, "optimizer.warmup_steps=12"), (11, 0.0, None), (0, 0.95, "12 steps from optimizer.warmup_ratio=0.95"),
+])
+def test_a_warmup_as_long_as_the_run_is_warned_about(tiny, monkeypatch, capsys, warmup_steps, warmup_ratio, source):
+    """Warmup steps are set before the data gives the run's length (12 steps here): a
+    warmup that long never reached the learning rate, and nothing said so."""
+    _run_recorded(monkeypatch, tiny(optimizer__warmup_steps=warmup_steps, optimizer__warmup_ratio=warmup_ratio))
+    out = capsys.readouterr()
+    said = out.out + out.err
+    assert ("is not shorter than the run" in said) is (source is not None)
+    if source:
+        warmup = warmup_steps or 12
+        assert (f"warning: the warmup ({source}) is not shorter than the run (12 steps): the learning rate only "
+                f"rises and ends at {11 / warmup:.3g} x optimizer.lr") in said
+
+
 # ---- data.* ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("key, value", [
     ("format", "alpaca"), ("packing", False), ("truncation", "drop"), ("train_on_prompt", True),
