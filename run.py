@@ -37,4 +37,7 @@ def main(argv):
 
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
+    from jaxtune.preemption import exit_at_once_on_signals
+
+    exit_at_once_on_signals()
     sys.exit(main(sys.argv[1:]))

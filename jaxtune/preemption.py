@@ -1,5 +1,5 @@
 """SIGTERM/SIGINT: stop at the next step boundary after a durable checkpoint; a second
-signal exits at once."""
+signal exits at once. Outside training (start-up, the end) they exit at once."""
 
 from __future__ import annotations
 
@@ -48,3 +48,17 @@ class ExitOnSignal(StopRequest):
     def _handle(self, signum, frame) -> None:
         print(f"\n{signal.Signals(signum).name} received before training started: exiting", file=sys.stderr, flush=True)
         os._exit(128 + signum)
+
+
+def exit_at_once_on_signals() -> None:
+    """A launcher's first step, before its imports: until training installs its own handlers
+    (and after it restores these), SIGINT and SIGTERM end the process at once. A Ctrl-C
+    during `import jax` otherwise raised KeyboardInterrupt inside JAX's garbage-collection
+    callback, which printed it and carried on: the whole run followed."""
+
+    def exit_now(signum, frame) -> None:
+        print(f"\n{signal.Signals(signum).name} received: exiting", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    for sig in StopRequest.SIGNALS:
+        signal.signal(sig, exit_now)
