@@ -10,8 +10,10 @@ device (FSDP), bf16 compute, every layer recomputed in the backward pass (remat 
 Sized for one host of 8 x 80 GB GPUs: XLA:CPU's compiled memory for this step is ~40 GiB per
 device (11 GiB of weights and Adam state, 29 GiB of temporaries; `tests/test_recipes.py`),
 inside the 75% of a GPU's memory that JAX takes by default. Remat `dots` or `dots_no_batch`
-would keep every projection's output for 4 x 4096 tokens per device over 32 layers: ~116 GiB
-per device. On 4 GPUs, `--config.train.grad_accum_steps=4` gives ~51 GiB per device.
+would keep each layer's projection outputs (and input) for 4 x 4096 tokens per device:
+~50 GiB per device of saved activations even in bf16, with the 11 GiB of state over that
+limit before any temporary (XLA:CPU compiles the step to ~120 / ~116 GiB per device).
+On 4 GPUs, `--config.train.grad_accum_steps=4` gives ~51 GiB per device.
 """
 
 from jaxtune.config import defaults
@@ -22,7 +24,7 @@ def get_config():
     c.workdir = "runs/llama3_8b_sft"
     c.model.param_dtype = "float32"
     c.model.compute_dtype = "bfloat16"
-    c.model.remat = "full"  # see above: the projections' outputs alone would not fit
+    c.model.remat = "full"  # see above: dots / dots_no_batch do not fit
     c.model.loss_chunk_len = 512  # logits for 512 positions at a time: 128k vocab is large
     c.mesh.data = 1
     c.mesh.fsdp = -1

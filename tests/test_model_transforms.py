@@ -143,7 +143,8 @@ def test_swiglu_backward_matches_autodiff_of_its_formula():
     assert all(x.dtype == jnp.bfloat16 for x in vjp_b(d.astype(jnp.bfloat16)))
 
 
-def _saved_bytes(policy, seq_len):
+def _saved_bytes(policy, seq_len, mesh=None):
+    """Bytes of what the backward pass of 2 layers keeps, traced on `mesh` if given."""
     import contextlib
     import io
     import re
@@ -160,14 +161,15 @@ def _saved_bytes(policy, seq_len):
 
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    on_mesh = sharding.activations_on(mesh) if mesh is not None else contextlib.nullcontext()
+    with contextlib.redirect_stdout(out), on_mesh:
         print_saved_residuals(loss, zeros)  # lines like "f32[2,8,64,512] output of ..."
     sizes = {"f32": 4, "bf16": 2, "i32": 4, "bool": 1}
     return sum(sizes[dt] * int(np.prod([int(d) for d in dims.split(",") if d]))
                for dt, dims in re.findall(r"^(\w+)\[([\d,]*)\]", out.getvalue(), re.M))
 
 
-def test_on_accelerators_remat_keeps_bf16_projection_outputs_in_bf16(monkeypatch):
+def test_on_accelerators_remat_keeps_bf16_projection_outputs_in_bf16_unless_partial_sums(monkeypatch):
     """A bf16 projection returned its float32 sum and was cast after it, so remat `dots`
     (which saves products' results) kept every projection's output at twice the bytes
     needed. On GPUs and TPUs the product now rounds on output. (XLA:CPU would turn the
@@ -180,10 +182,17 @@ def test_on_accelerators_remat_keeps_bf16_projection_outputs_in_bf16(monkeypatch
     # output is only added to the residual stream, and the next layer's input is kept).
     widths = (c.num_attention_heads * c.head_dim + 2 * c.num_key_value_heads * c.head_dim
               + c.hidden_size + 2 * c.intermediate_size)
-    on_cpu = _saved_bytes("dots", tokens)
+    one_device = sharding.make_mesh(sharding.MeshShape(1, 1, 1), devices=jax.devices()[:1])
+    on_cpu = _saved_bytes("dots", tokens, one_device)
     monkeypatch.setattr(matmul, "cpu_layouts", lambda: False)
-    on_accelerators = _saved_bytes("dots", tokens)
+    on_accelerators = _saved_bytes("dots", tokens, one_device)
     assert on_cpu - on_accelerators == layers * tokens * widths * 2  # each projection: 4 -> 2 bytes a value
+
+    # With tensor parallelism o_proj's product on each device is a partial sum: rounded to
+    # bf16 it would be reduced in bf16 (GPUs all-reduce bf16 as it is) and rounded twice.
+    # It stays float32 there, and so does what remat keeps of it.
+    tensor_parallel = sharding.make_mesh(sharding.MeshShape(1, 1, 2), devices=jax.devices()[:2])
+    assert _saved_bytes("dots", tokens, tensor_parallel) - on_accelerators == layers * tokens * c.hidden_size * 2
 
 
 @pytest.mark.parametrize("policy", list(REMAT_POLICIES))

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtune.errors import UserError, check_local_dir
-from jaxtune.sharding import BATCH_AXES, constrain
+from jaxtune.sharding import BATCH_AXES, activation_mesh, constrain
 from jaxtune.models.attention import ATTENTION_LSE, ATTENTION_OUT, causal_attention
 from jaxtune.models.matmul import dense, product, rounded_result_dtype
 from jaxtune.models.swiglu import swiglu
@@ -312,13 +312,29 @@ class Projection(nnx.Module):
 
     The kernel keeps its named axes (e.g. [D, heads, H] so tensor parallelism splits
     heads); the product itself runs as one 2-D `dense` on flattened tokens.
+    `row_parallel`: tensor parallelism splits the contracted axis (o_proj, down_proj), so
+    each device's product is a partial sum that an all-reduce completes.
     """
 
-    def __init__(self, kernel_shape, n_in: int = 1, bias: bool = False, *, std, param_dtype, rngs):
+    def __init__(self, kernel_shape, n_in: int = 1, bias: bool = False, row_parallel: bool = False, *,
+                 std, param_dtype, rngs):
         init = jax.nn.initializers.normal(std)
         self.kernel = nnx.Param(init(rngs.params(), kernel_shape, param_dtype))
         self.n_in = n_in
+        self.row_parallel = row_parallel
         self.bias = nnx.Param(jnp.zeros(kernel_shape[n_in:], param_dtype)) if bias else None
+
+    def _result_dtype(self, compute_dtype):
+        """float32 where the sum is not complete on one device: a bf16 partial product
+        would be rounded, then reduced in bf16 (GPUs all-reduce bf16 as it is), then rounded
+        again. Without a mesh to say there is no tensor parallelism, assume there may be."""
+        if self.bias is not None:
+            return jnp.float32
+        if self.row_parallel:
+            mesh = activation_mesh()
+            if mesh is None or mesh.shape["tensor"] > 1:
+                return jnp.float32
+        return rounded_result_dtype(compute_dtype)
 
     def __call__(self, x: jax.Array, compute_dtype) -> jax.Array:
         """x: [M, *kernel_shape[:n_in]] -> [M, *kernel_shape[n_in:]] in compute_dtype.
@@ -330,8 +346,8 @@ class Projection(nnx.Module):
         w = self.kernel[...]
         in_shape, out_shape = w.shape[: self.n_in], w.shape[self.n_in:]
         k, n = math.prod(in_shape), math.prod(out_shape)
-        result = jnp.float32 if self.bias is not None else rounded_result_dtype(compute_dtype)
-        y = dense(x.reshape(x.shape[0], k), w.reshape(k, n), compute_dtype, result).reshape(x.shape[0], *out_shape)
+        y = dense(x.reshape(x.shape[0], k), w.reshape(k, n), compute_dtype,
+                  self._result_dtype(compute_dtype)).reshape(x.shape[0], *out_shape)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(compute_dtype)
@@ -355,7 +371,7 @@ class Attention(nnx.Module):
         self.q_proj = Projection((d, n, h), **kw)  # md,dnh->mnh
         self.k_proj = Projection((d, k, h), **kw)  # md,dkh->mkh
         self.v_proj = Projection((d, k, h), **kw)  # md,dkh->mkh
-        self.o_proj = Projection((n, h, d), n_in=2, **kw)  # mnh,nhd->md
+        self.o_proj = Projection((n, h, d), n_in=2, row_parallel=True, **kw)  # mnh,nhd->md
         self.num_kv_heads, self.head_dim = k, h
         self.compute_dtype = compute_dtype
 
@@ -380,7 +396,7 @@ class MLP(nnx.Module):
         kw = dict(bias=c.mlp_bias, std=c.initializer_range, param_dtype=param_dtype, rngs=rngs)
         self.gate_proj = Projection((d, f), **kw)  # md,df->mf
         self.up_proj = Projection((d, f), **kw)  # md,df->mf
-        self.down_proj = Projection((f, d), **kw)  # mf,fd->md
+        self.down_proj = Projection((f, d), row_parallel=True, **kw)  # mf,fd->md
         self.compute_dtype = compute_dtype
 
     def __call__(self, x):
