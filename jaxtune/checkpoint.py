@@ -6,17 +6,22 @@
 Saves are asynchronous: `save` returns once the arrays are copied off the devices, and
 Orbax writes into `<step>.orbax-checkpoint-tmp` which is renamed when complete, so a
 process killed mid-save leaves only a temporary directory, which is never restored and
-is removed at the next start. Restores always pass explicit abstract targets that carry
-the shardings of the current mesh, so a run resumes on another mesh or device count.
+is removed at the next start. Deletion is atomic the same way: a step directory is
+renamed into `.deleted/` and removed from there, so a process killed mid-deletion never
+leaves a half-deleted step that looks like a checkpoint. Restores always pass explicit
+abstract targets that carry the shardings of the current mesh, so a run resumes on
+another mesh or device count.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
 import sys
+import threading
 import time
 
 import jax
@@ -27,9 +32,32 @@ from jaxtune.errors import UserError
 from jaxtune.state import LoopState, TrainState
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
+TRASH = ".deleted"  # Orbax renames a step here to delete it (todelete_subdir)
+AT_STOP = "at_stop"  # the item that marks a checkpoint saved because the run was stopped
 
 
-def _manager(directory, max_to_keep, items, best_fn=None, best_mode="min"):
+@dataclasses.dataclass
+class _KeepScheduled:
+    """An Orbax preservation policy: `checkpoint.keep` counts the checkpoints of the save
+    schedule; one saved because the run was stopped (a preemption) stays only while it is
+    the newest. Kept longer, it would push a scheduled one out, and which checkpoint a later
+    anomaly rollback returns to would differ from the uninterrupted run's."""
+
+    directory: str
+    keep: int
+    pending_at_stop: set[int] = dataclasses.field(default_factory=set)  # being written: not on disk yet
+
+    def at_stop(self, step: int) -> bool:
+        return step in self.pending_at_stop or os.path.isdir(os.path.join(self.directory, str(step), AT_STOP))
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        steps = [c.step for c in checkpoints]
+        scheduled = sorted(s for s in steps if not self.at_stop(s))
+        kept = set(scheduled[-self.keep:]) | {max(steps, default=-1)}
+        return [s in kept for s in steps]
+
+
+def _manager(directory, items, *, max_to_keep=None, preservation_policy=None, best_fn=None, best_mode="min"):
     """`items` maps each item name to its handler (so metadata can be read before a restore).
 
     Each manager gets its own barrier prefix: Orbax names its multi-process barriers after the
@@ -42,22 +70,47 @@ def _manager(directory, max_to_keep, items, best_fn=None, best_mode="min"):
         multiprocessing_options=ocp.options.MultiprocessingOptions(
             barrier_sync_key_prefix=os.path.basename(directory)),
         max_to_keep=max_to_keep,
+        preservation_policy=preservation_policy,
         best_fn=best_fn,
         best_mode=best_mode,
         enable_async_checkpointing=True,
         cleanup_tmp_directories=True,
+        todelete_subdir=TRASH,
         create=True,
     )
     return ocp.CheckpointManager(directory, options=options, item_handlers=items)
 
 
 def _remove_incomplete(directory):
-    """Deletes what a killed save left behind (Orbax also does; this covers every layout)."""
+    """Deletes what a killed save or deletion left behind (Orbax also removes temporary
+    directories; this covers every layout)."""
     if jax.process_index() != 0 or not os.path.isdir(directory):
         return
     for name in os.listdir(directory):
-        if TMP_MARKER in name:
+        if TMP_MARKER in name or name.startswith(TRASH):
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+def _finish_deletions(manager, directory, *, background: bool = True) -> None:
+    """Waits for `manager`'s previous save (Orbax's own save would), whose completion
+    deletes the checkpoints it replaces, and removes what it deleted."""
+    manager.wait_until_finished()
+    _empty_trash(directory, background=background)
+
+
+def _empty_trash(directory, *, background: bool = True) -> None:
+    """Removes the steps Orbax has renamed into the trash, by default in the background:
+    the trash is first renamed aside whole, so Orbax can keep renaming steps into a fresh
+    one. What a process that exits first leaves there goes at the next start."""
+    trash = os.path.join(directory, TRASH)
+    if jax.process_index() != 0 or not os.path.isdir(trash):
+        return
+    aside = f"{trash}-{time.monotonic_ns()}"
+    os.replace(trash, aside)
+    if background:
+        threading.Thread(target=shutil.rmtree, args=(aside,), kwargs={"ignore_errors": True}, daemon=True).start()
+    else:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 _SETTINGS_BEHIND = {  # the first field of a TrainState path -> the settings that shape it
@@ -92,27 +145,38 @@ class Checkpointer:
         self.best_directory = os.path.abspath(os.path.join(workdir, "best"))
         self.metric = metric
         self.on_corrupt = on_corrupt
+        self.retention = _KeepScheduled(self.directory, keep)
         self.manager = _manager(
-            self.directory, keep, {"state": ocp.StandardCheckpointHandler(), "loop": ocp.JsonCheckpointHandler()},
+            self.directory,
+            {"state": ocp.StandardCheckpointHandler(), "loop": ocp.JsonCheckpointHandler(),
+             AT_STOP: ocp.JsonCheckpointHandler()},
+            preservation_policy=self.retention,
         )
         self.best_manager = _manager(
-            self.best_directory, keep_best,
+            self.best_directory,
             {"params": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
-            best_fn=lambda m: m[metric], best_mode="max" if greater_is_better else "min",
+            max_to_keep=keep_best, best_fn=lambda m: m[metric], best_mode="max" if greater_is_better else "min",
         )
 
     # ---- full training state ------------------------------------------------------------
-    def save(self, step: int, state: TrainState, loop: LoopState) -> None:
+    def save(self, step: int, state: TrainState, loop: LoopState, *, at_stop: bool = False) -> None:
+        """`at_stop`: saved because the run was stopped, off the save schedule (see `_KeepScheduled`)."""
         if step in self.manager.all_steps():
             return
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop.to_json())),
-            force=True,
-        )
+        _finish_deletions(self.manager, self.directory)
+        items = {"state": ocp.args.StandardSave(state), "loop": ocp.args.JsonSave(loop.to_json())}
+        if at_stop:
+            self.retention.pending_at_stop.add(step)
+            items[AT_STOP] = ocp.args.JsonSave({"step": step})
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
+
+    def scheduled_steps(self) -> list[int]:
+        """The checkpoints an uninterrupted run has too: not one saved because the run was stopped."""
+        return [s for s in self.steps() if not self.retention.at_stop(s)]
+
 
     def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, LoopState]:
         restored = self.manager.restore(
@@ -219,18 +283,21 @@ class Checkpointer:
         self.manager.wait_until_finished()
         for later in [s for s in self.manager.all_steps() if s > step]:
             self.manager.delete(later)
+            self.retention.pending_at_stop.discard(later)
+        _empty_trash(self.directory)
 
     def discard_best_after(self, step: int) -> None:
         """Removes best-model checkpoints after `step` (all of them for -1: a fresh start)."""
         self.best_manager.wait_until_finished()
         for later in [s for s in self.best_manager.all_steps() if s > step]:
             self.best_manager.delete(later)
+        _empty_trash(self.best_directory)
 
     # ---- best parameters ------------------------------------------------------------------
     def save_best(self, step: int, params, value: float, metrics: dict) -> None:
         meta = {"step": step, "metric": self.metric, "value": value, "metrics": metrics}
+        _finish_deletions(self.best_manager, self.best_directory)
         if step in self.best_manager.all_steps():  # a better evaluation of the same step, after a rollback
-            self.best_manager.wait_until_finished()
             self.best_manager.delete(step)
         self.best_manager.save(
             step,
@@ -255,11 +322,12 @@ class Checkpointer:
         return restored.params, restored.meta
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
-        self.best_manager.wait_until_finished()
+        _finish_deletions(self.manager, self.directory)
+        _finish_deletions(self.best_manager, self.best_directory)
 
     def close(self) -> None:
-        self.wait()
+        _finish_deletions(self.manager, self.directory, background=False)  # nothing left for a next start
+        _finish_deletions(self.best_manager, self.best_directory, background=False)
         self.manager.close()
         self.best_manager.close()
 

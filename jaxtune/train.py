@@ -380,7 +380,7 @@ class _Loop:
         if not stop:  # a signal during the evaluation or the save stops here, not a step later
             stop, _ = self._stop_requested_and_tokens(0)
         if stop:
-            self.ckpt.save(s, self.state, self.loop)
+            self.ckpt.save(s, self.state, self.loop, at_stop=True)
             self.ckpt.wait()
             self.log.message(f"stopped at step {s}; checkpoint saved. Run the same command to continue.")
             return "preempted"
@@ -413,7 +413,9 @@ class _Loop:
         a = self.config.anomaly
         what = f"{count} consecutive steps were skipped as anomalous (last at step {step})"
         self.ckpt.wait()
-        before = [s for s in self.ckpt.steps() if s <= step - count]
+        # Not a checkpoint a stop saved: the uninterrupted run has none there, and the rollback
+        # would go elsewhere than in it (a resumed run must be the same run).
+        before = [s for s in self.ckpt.scheduled_steps() if s <= step - count]
         if a.on_persistent == "stop" or not before or before[-1] == self.loop.rolled_back_to:
             self.log.close(plot=False)
             if not before:

@@ -524,6 +524,55 @@ def test_a_second_rollback_to_the_same_checkpoint_stops_the_run(reference, tmp_p
     assert [(r["step"], r["to_step"]) for r in history if r.get("event") == "rollback"] == [(7, 4)]
 
 
+def test_a_checkpoint_saved_at_a_stop_changes_neither_rollbacks_nor_what_is_kept(reference, tmp_path, monkeypatch):
+    """A stop at step 5 saves checkpoint 5, off the save schedule. With keep=1 it pushed out
+    checkpoint 4, and bad steps 6-8 after the resume rolled back to 5 (or found nothing to
+    roll back to) where the uninterrupted run rolls back to 4: the resumed run was another
+    run (found by a resume torture test; it ended in exit code 3 where the other completed)."""
+    overrides, _ = reference
+    settings = dict(anomaly__max_consecutive=3, checkpoint__keep=1)
+    _poison(monkeypatch, {6, 7, 8})  # train-step calls: steps 6-8 in one process
+    straight = run(make_config(overrides(tmp_path / "straight", **settings)))
+    assert [(r["step"], r["to_step"]) for r in straight.history if r.get("event") == "rollback"] == [(8, 4)]
+
+    config = make_config(overrides(tmp_path / "run", **settings))
+    monkeypatch.undo()
+    assert run(config, should_stop=lambda step: step == 5).step == 5
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["4", "5"]  # 4 is kept: 5 is a stop's
+    _poison(monkeypatch, {1, 2, 3})  # the resumed process's calls for steps 6-8
+    resumed = run(config)
+    assert _comparable(resumed.history) == _comparable(straight.history)
+    assert_trees_equal(resumed.params, straight.params)
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["12"]  # 5 went with the next save
+
+
+def test_a_deletion_cut_short_leaves_no_half_deleted_checkpoint(reference, tmp_path, monkeypatch):
+    """Orbax deleted a replaced checkpoint in place, so a process killed during the deletion
+    left a step directory with part of its files. The next start took a half-deleted best/20
+    for the best model and deleted the complete best/24 after it. Steps are now renamed out
+    of sight first; here every deletion stops after its first file, as a kill would."""
+    overrides, _ = reference
+    real_rmtree = shutil.rmtree
+
+    def cut_short(path, *args, **kwargs):
+        for root, _, files in os.walk(path):
+            if files:
+                os.remove(os.path.join(root, files[0]))
+                return
+
+    monkeypatch.setattr(shutil, "rmtree", cut_short)
+    scripted = iter([5.0, 4.0, 3.0, 2.0, 1.0, 0.5])  # every evaluation better: best/ is replaced each time
+    original = jaxtune.train.evaluate
+    monkeypatch.setattr(jaxtune.train, "evaluate", lambda *a: dataclasses.replace(original(*a), loss=next(scripted)))
+    workdir = tmp_path / "run"
+    run(make_config(overrides(workdir, train__eval_every=2, train__save_every=2, checkpoint__keep=1)))
+    steps = lambda name: sorted(n for n in os.listdir(workdir / name) if n.isdigit())  # noqa: E731
+    assert steps("checkpoints") == ["12"] and steps("best") == ["12"]
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    Checkpointer(str(workdir), keep=1, keep_best=1, metric="eval_loss", greater_is_better=False)  # a next start
+    assert os.listdir(workdir / "checkpoints") == ["12"] and os.listdir(workdir / "best") == ["12"]
+
+
 def test_a_best_model_whose_save_did_not_complete_is_saved_again_on_resume(reference, tmp_path, monkeypatch):
     """checkpoints/8 committed, best/8 not (the two managers write independently): the resume
     adopted best/4 or, with nothing left in best/, failed at load_best_at_end every time."""
