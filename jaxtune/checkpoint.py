@@ -91,26 +91,20 @@ def _remove_incomplete(directory):
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
-def _finish_deletions(manager, directory, *, background: bool = True) -> None:
-    """Waits for `manager`'s previous save (Orbax's own save would), whose completion
-    deletes the checkpoints it replaces, and removes what it deleted."""
-    manager.wait_until_finished()
-    _empty_trash(directory, background=background)
-
-
-def _empty_trash(directory, *, background: bool = True) -> None:
-    """Removes the steps Orbax has renamed into the trash, by default in the background:
-    the trash is first renamed aside whole, so Orbax can keep renaming steps into a fresh
-    one. What a process that exits first leaves there goes at the next start."""
+def _empty_trash(directory, removals: list[threading.Thread] | None = None) -> None:
+    """Removes the steps Orbax has renamed into the trash; in a thread appended to
+    `removals` if given. The trash is first renamed aside whole, so Orbax can keep renaming
+    steps into a fresh one; what a process killed first leaves there goes at the next start."""
     trash = os.path.join(directory, TRASH)
     if jax.process_index() != 0 or not os.path.isdir(trash):
         return
     aside = f"{trash}-{time.monotonic_ns()}"
     os.replace(trash, aside)
-    if background:
-        threading.Thread(target=shutil.rmtree, args=(aside,), kwargs={"ignore_errors": True}, daemon=True).start()
-    else:
+    if removals is None:
         shutil.rmtree(aside, ignore_errors=True)
+    else:
+        removals.append(threading.Thread(target=shutil.rmtree, args=(aside,), kwargs={"ignore_errors": True}))
+        removals[-1].start()
 
 
 _SETTINGS_BEHIND = {  # the first field of a TrainState path -> the settings that shape it
@@ -145,6 +139,7 @@ class Checkpointer:
         self.best_directory = os.path.abspath(os.path.join(workdir, "best"))
         self.metric = metric
         self.on_corrupt = on_corrupt
+        self._removals: list[threading.Thread] = []  # emptying the trash while training goes on
         self.retention = _KeepScheduled(self.directory, keep)
         self.manager = _manager(
             self.directory,
@@ -163,7 +158,7 @@ class Checkpointer:
         """`at_stop`: saved because the run was stopped, off the save schedule (see `_KeepScheduled`)."""
         if step in self.manager.all_steps():
             return
-        _finish_deletions(self.manager, self.directory)
+        self._finish_deletions(self.manager, self.directory)
         items = {"state": ocp.args.StandardSave(state), "loop": ocp.args.JsonSave(loop.to_json())}
         if at_stop:
             self.retention.pending_at_stop.add(step)
@@ -172,6 +167,13 @@ class Checkpointer:
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
+
+    def _finish_deletions(self, manager, directory) -> None:
+        """Waits for `manager`'s previous save (Orbax's own save would), whose completion
+        deletes the checkpoints it replaces, and removes what it deleted, in the background."""
+        manager.wait_until_finished()
+        _empty_trash(directory, self._removals)
+        self._removals = [t for t in self._removals if t.is_alive()]
 
     def scheduled_steps(self) -> list[int]:
         """The checkpoints an uninterrupted run has too: not one saved because the run was stopped."""
@@ -284,19 +286,19 @@ class Checkpointer:
         for later in [s for s in self.manager.all_steps() if s > step]:
             self.manager.delete(later)
             self.retention.pending_at_stop.discard(later)
-        _empty_trash(self.directory)
+        _empty_trash(self.directory, self._removals)
 
     def discard_best_after(self, step: int) -> None:
         """Removes best-model checkpoints after `step` (all of them for -1: a fresh start)."""
         self.best_manager.wait_until_finished()
         for later in [s for s in self.best_manager.all_steps() if s > step]:
             self.best_manager.delete(later)
-        _empty_trash(self.best_directory)
+        _empty_trash(self.best_directory, self._removals)
 
     # ---- best parameters ------------------------------------------------------------------
     def save_best(self, step: int, params, value: float, metrics: dict) -> None:
         meta = {"step": step, "metric": self.metric, "value": value, "metrics": metrics}
-        _finish_deletions(self.best_manager, self.best_directory)
+        self._finish_deletions(self.best_manager, self.best_directory)
         if step in self.best_manager.all_steps():  # a better evaluation of the same step, after a rollback
             self.best_manager.delete(step)
         self.best_manager.save(
@@ -322,12 +324,16 @@ class Checkpointer:
         return restored.params, restored.meta
 
     def wait(self) -> None:
-        _finish_deletions(self.manager, self.directory)
-        _finish_deletions(self.best_manager, self.best_directory)
+        self._finish_deletions(self.manager, self.directory)
+        self._finish_deletions(self.best_manager, self.best_directory)
 
     def close(self) -> None:
-        _finish_deletions(self.manager, self.directory, background=False)  # nothing left for a next start
-        _finish_deletions(self.best_manager, self.best_directory, background=False)
+        """Also ends every removal from the trash: a finished run leaves no deleted checkpoint
+        on disk for a next start to remove."""
+        self.wait()
+        for removal in self._removals:
+            removal.join()
+        self._removals = []
         self.manager.close()
         self.best_manager.close()
 

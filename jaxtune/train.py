@@ -379,8 +379,8 @@ class _Loop:
             self.ckpt.save(s, self.state, self.loop)
         if not stop:  # a signal during the evaluation or the save stops here, not a step later
             stop, _ = self._stop_requested_and_tokens(0)
-        if stop:
-            self.ckpt.save(s, self.state, self.loop, at_stop=True)
+        if stop:  # the last step's checkpoint is the uninterrupted run's too
+            self.ckpt.save(s, self.state, self.loop, at_stop=s != self.total_steps)
             self.ckpt.wait()
             self.log.message(f"stopped at step {s}; checkpoint saved. Run the same command to continue.")
             return "preempted"

@@ -546,6 +546,16 @@ def test_a_checkpoint_saved_at_a_stop_changes_neither_rollbacks_nor_what_is_kept
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["12"]  # 5 went with the next save
 
 
+def test_a_stop_at_the_last_step_saves_the_runs_own_last_checkpoint(reference, tmp_path):
+    """The last step's checkpoint was marked as a stop's, so it was not counted by keep and
+    the resumed run (which saves nothing more) kept checkpoint 8 as well, for good."""
+    overrides, _ = reference
+    config = make_config(overrides(tmp_path / "run", train__max_steps=10, checkpoint__keep=1))
+    assert run(config, should_stop=lambda step: step == 10).stop_reason == "preempted"
+    assert run(config).stop_reason == "completed"
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["10"]  # as in a run that was not stopped
+
+
 def test_a_deletion_cut_short_leaves_no_half_deleted_checkpoint(reference, tmp_path, monkeypatch):
     """Orbax deleted a replaced checkpoint in place, so a process killed during the deletion
     left a step directory with part of its files. The next start took a half-deleted best/20
