@@ -179,7 +179,6 @@ class Checkpointer:
         """The checkpoints an uninterrupted run has too: not one saved because the run was stopped."""
         return [s for s in self.steps() if not self.retention.at_stop(s)]
 
-
     def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, LoopState]:
         restored = self.manager.restore(
             step,

@@ -175,3 +175,39 @@ def test_two_process_run_saves_evaluates_and_resumes(tiny, tmp_path):
                            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}, timeout=240)
     assert alone.returncode == 2, alone.stderr[-3000:]
     assert "the number of processes was 2, now 1" in alone.stderr
+
+
+def test_when_one_process_dies_the_other_exits_promptly(tiny, tmp_path):
+    """Process 1 killed mid-run: process 0's next collective failed at once, but its exit then
+    waited ~90 s in jax.distributed's shutdown barrier for a process that was gone, and
+    ended in SIGABRT (exit -6) with a native stack dump."""
+    workdir = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "recipe.py", tiny(**{"train.max_steps": 500, "train.eval_every": 0,
+                                                          "train.save_every": 1000}))
+    port = _free_port()
+    procs, logs = [], []
+    for i in range(2):
+        env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
+               "JAX_PROCESS_ID": str(i), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+        logs.append(tempfile.TemporaryFile("w+"))
+        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "run.py"), "--config", recipe], env=env,
+                                      cwd=ROOT, stdout=logs[-1], stderr=subprocess.STDOUT, text=True))
+    try:
+        deadline = time.monotonic() + 180
+        while not (os.path.exists(workdir / "metrics.jsonl") and len(read_metrics(workdir)) >= 3):
+            assert time.monotonic() < deadline and procs[0].poll() is None, "the job did not start training"
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        returncode = procs[0].wait(timeout=80)
+        waited = time.monotonic() - killed
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                p.wait()
+    logs[0].seek(0)
+    out = logs[0].read()
+    assert returncode == 1 and waited < 30, (returncode, waited, out[-3000:])
+    assert "error: process 0 of 2 failed; exiting without waiting for the others" in out
+
