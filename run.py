@@ -15,8 +15,9 @@ def main(argv):
     from jaxtune.errors import exit_on_user_error
     from jaxtune.host_memory import reexec_with_huge_pages
 
-    reexec_with_huge_pages()  # may restart this command once; see jaxtune/host_memory.py
-    from jaxtune.distributed import exit_promptly_on_failure
+    with exit_on_user_error():
+        reexec_with_huge_pages()  # may restart this command once; see jaxtune/host_memory.py
+    from jaxtune.distributed import exit_promptly_on_failure  # imports JAX: after the restart
 
     with exit_promptly_on_failure(), exit_on_user_error():
         from jaxtune.config import parse_args
