@@ -91,20 +91,17 @@ def _remove_incomplete(directory):
             shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
-def _empty_trash(directory, removals: list[threading.Thread] | None = None) -> None:
-    """Removes the steps Orbax has renamed into the trash; in a thread appended to
-    `removals` if given. The trash is first renamed aside whole, so Orbax can keep renaming
-    steps into a fresh one; what a process killed first leaves there goes at the next start."""
+def _empty_trash(directory, removals: list[threading.Thread]) -> None:
+    """Removes the steps Orbax has renamed into the trash, in a thread appended to
+    `removals`. The trash is first renamed aside whole, so Orbax can keep renaming steps
+    into a fresh one; what a process killed first leaves there goes at the next start."""
     trash = os.path.join(directory, TRASH)
     if jax.process_index() != 0 or not os.path.isdir(trash):
         return
     aside = f"{trash}-{time.monotonic_ns()}"
     os.replace(trash, aside)
-    if removals is None:
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        removals.append(threading.Thread(target=shutil.rmtree, args=(aside,), kwargs={"ignore_errors": True}))
-        removals[-1].start()
+    removals.append(threading.Thread(target=shutil.rmtree, args=(aside,), kwargs={"ignore_errors": True}))
+    removals[-1].start()
 
 
 _SETTINGS_BEHIND = {  # the first field of a TrainState path -> the settings that shape it

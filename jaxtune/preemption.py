@@ -46,8 +46,7 @@ class ExitOnSignal(StopRequest):
     would not do: raised inside JAX's garbage-collection callback it is printed and ignored."""
 
     def _handle(self, signum, frame) -> None:
-        print(f"\n{signal.Signals(signum).name} received before training started: exiting", file=sys.stderr, flush=True)
-        os._exit(128 + signum)
+        _exit_now(signum, " before training started")
 
 
 def exit_at_once_on_signals() -> None:
@@ -55,10 +54,10 @@ def exit_at_once_on_signals() -> None:
     (and after it restores these), SIGINT and SIGTERM end the process at once. A Ctrl-C
     during `import jax` otherwise raised KeyboardInterrupt inside JAX's garbage-collection
     callback, which printed it and carried on: the whole run followed."""
-
-    def exit_now(signum, frame) -> None:
-        print(f"\n{signal.Signals(signum).name} received: exiting", file=sys.stderr, flush=True)
-        os._exit(128 + signum)
-
     for sig in StopRequest.SIGNALS:
-        signal.signal(sig, exit_now)
+        signal.signal(sig, lambda signum, frame: _exit_now(signum))
+
+
+def _exit_now(signum: int, when: str = "") -> None:
+    print(f"\n{signal.Signals(signum).name} received{when}: exiting", file=sys.stderr, flush=True)
+    os._exit(128 + signum)

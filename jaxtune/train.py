@@ -243,13 +243,13 @@ class _Loop:
                              history=self.loop.history,  # one list: what is logged is checkpointed
                              wandb_id=self.loop.wandb_id)
         self.log.message(data.report.summary())
+        warmup = num_warmup_steps(opt_settings, self.total_steps)
         self.log.message(
             f"{self.model_config.num_params / 1e6:.1f}M parameters on mesh "
             f"{dict(zip(sharding.AXES, self.mesh.devices.shape))}; {self.total_steps} steps "
-            f"({self.loader.steps_per_epoch} per epoch), warmup {num_warmup_steps(opt_settings, self.total_steps)}"
+            f"({self.loader.steps_per_epoch} per epoch), warmup {warmup}"
         )
         self._warn_if_early_stopping_cannot_fire()
-        warmup = num_warmup_steps(opt_settings, self.total_steps)
         if warmup >= self.total_steps > 1:
             source = (f"optimizer.warmup_steps={warmup}" if opt_settings.warmup_steps > 0
                       else f"{warmup} steps from optimizer.warmup_ratio={opt_settings.warmup_ratio:g}")
@@ -258,15 +258,15 @@ class _Loop:
                 f"the learning rate only rises and ends at {(self.total_steps - 1) / warmup:.3g} x optimizer.lr, "
                 "with no decay."
             )
-        context = self.model_config.context_length
+        context, positions = self.model_config.context_length, self.model_config.max_position_embeddings
         if c.data.max_seq_len > context:  # RoPE computes any position
-            scaling = self.model_config.rope_scaling
             self.log.message(
                 f"warning: data.max_seq_len={c.data.max_seq_len} is longer than the model's context ({context}: "
-                f"max_position_embeddings={self.model_config.max_position_embeddings}"
-                + (f" x linear RoPE factor {scaling.factor:g}" if scaling and scaling.rope_type == "linear" else "")
+                f"max_position_embeddings={positions}"
+                + (f" x linear RoPE factor {self.model_config.rope_scaling.factor:g}" if context != positions else "")
                 + f" in {c.model.hf_path}/config.json): positions past it were never trained, so this is context "
-                "extension" + ("." if scaling else ", which usually also needs RoPE scaling (rope_scaling in config.json).")
+                "extension" + ("." if self.model_config.rope_scaling else
+                               ", which usually also needs RoPE scaling (rope_scaling in config.json).")
             )
         if c.model.param_dtype == "bfloat16":
             self.log.message(

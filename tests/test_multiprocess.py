@@ -25,11 +25,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(argv: list[str], timeout: float) -> list[tuple[int, str]]:
-    """Runs `argv` as process 0 and 1 of one job; [(returncode, output)] in process order.
-
-    A hung job is killed with SIGKILL: JAX's preemption notifier catches SIGTERM.
-    """
+def _start_two_processes(argv: list[str]) -> tuple[list[subprocess.Popen], list]:
+    """`argv` started as process 0 and 1 of one job; (processes, their output files)."""
     port = _free_port()
     procs, logs = [], []
     for i in range(2):
@@ -37,6 +34,15 @@ def _two_processes(argv: list[str], timeout: float) -> list[tuple[int, str]]:
                "JAX_PROCESS_ID": str(i), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
         logs.append(tempfile.TemporaryFile("w+"))  # files, not pipes: an unread full pipe would block a process
         procs.append(subprocess.Popen(argv, env=env, cwd=ROOT, stdout=logs[-1], stderr=subprocess.STDOUT, text=True))
+    return procs, logs
+
+
+def _two_processes(argv: list[str], timeout: float) -> list[tuple[int, str]]:
+    """Runs `argv` as process 0 and 1 of one job; [(returncode, output)] in process order.
+
+    A hung job is killed with SIGKILL: JAX's preemption notifier catches SIGTERM.
+    """
+    procs, logs = _start_two_processes(argv)
     deadline = time.monotonic() + timeout
     hung = False
     for p in procs:
@@ -184,14 +190,7 @@ def test_when_one_process_dies_the_other_exits_promptly(tiny, tmp_path):
     workdir = tmp_path / "run"
     recipe = write_recipe(tmp_path / "recipe.py", tiny(**{"train.max_steps": 500, "train.eval_every": 0,
                                                           "train.save_every": 1000}))
-    port = _free_port()
-    procs, logs = [], []
-    for i in range(2):
-        env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
-               "JAX_PROCESS_ID": str(i), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-        logs.append(tempfile.TemporaryFile("w+"))
-        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "run.py"), "--config", recipe], env=env,
-                                      cwd=ROOT, stdout=logs[-1], stderr=subprocess.STDOUT, text=True))
+    procs, logs = _start_two_processes([sys.executable, os.path.join(ROOT, "run.py"), "--config", recipe])
     try:
         deadline = time.monotonic() + 180
         while not (os.path.exists(workdir / "metrics.jsonl") and len(read_metrics(workdir)) >= 3):
