@@ -155,14 +155,14 @@ import importlib.abc, os, runpy, signal, sys
 
 class CtrlCWhileJaxIsImported(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name == "jax":
+        if name == {module!r}:
             sys.meta_path.remove(self)
             os.kill(os.getpid(), signal.SIGINT)
         return None
 
 sys.meta_path.insert(0, CtrlCWhileJaxIsImported())
-sys.argv = [{run_py!r}, "--config", {recipe!r}]
-runpy.run_path({run_py!r}, run_name="__main__")
+sys.argv = {argv!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
@@ -172,12 +172,29 @@ def test_ctrl_c_while_run_py_imports_exits_at_once(reference, tmp_path):
     the whole run went on (3 of 7 tries at 0.3-0.4 s)."""
     overrides, _ = reference
     recipe = write_recipe(tmp_path / "recipe.py", overrides(tmp_path / "run"))
-    script = SIGNAL_DURING_IMPORTS.format(run_py=os.path.join(ROOT, "run.py"), recipe=recipe)
+    _assert_ctrl_c_during_imports_exits_at_once([os.path.join(ROOT, "run.py"), "--config", recipe], "jax")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("tool, args, module", [
+    ("make_demo.py", ["--out", "{tmp}/model"], "transformers"),
+    ("check_data.py", ["--data", os.path.join(ROOT, "data", "demo", "eval.jsonl"), "--tokenizer", "{tmp}"], "transformers"),
+    ("bench.py", ["--jax-only", "--precision", "fp32", "--layers", "1", "--steps", "1", "--rounds", "1"], "jax"),
+])
+def test_ctrl_c_while_a_tool_imports_exits_at_once(tool, args, module, tmp_path):
+    """The tools' heavy imports come after start-up too: a Ctrl-C there gave a KeyboardInterrupt
+    traceback (or, inside JAX's garbage-collection callback, nothing: the tool went on)."""
+    argv = [os.path.join(ROOT, "tools", tool), *(a.format(tmp=tmp_path) for a in args)]
+    _assert_ctrl_c_during_imports_exits_at_once(argv, module)
+    assert not (tmp_path / "model").exists()  # make_demo: no half-built model where a run would use it
+
+
+def _assert_ctrl_c_during_imports_exits_at_once(argv, module):
+    script = SIGNAL_DURING_IMPORTS.format(argv=argv, module=module)
     env = dict(os.environ, GLIBC_TUNABLES="glibc.malloc.hugetlb=1")  # no huge-page restart: one process
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 128 + signal.SIGINT, proc.stderr
     assert proc.stderr.strip() == "SIGINT received: exiting"
-    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from jaxtune.errors import UserError, exit_on_user_error  # noqa: E402  (after the path setup)
+from jaxtune.preemption import exit_at_once_on_signals  # noqa: E402
 
 
 def parse():
@@ -320,5 +321,6 @@ def main():
 
 
 if __name__ == "__main__":
+    exit_at_once_on_signals()  # a Ctrl-C during the imports in main() ends it, as in run.py
     with exit_on_user_error():  # e.g. heads not a multiple of kv heads
         main()

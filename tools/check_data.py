@@ -25,6 +25,7 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from jaxtune.errors import UserError, exit_on_user_error  # noqa: E402
+from jaxtune.preemption import exit_at_once_on_signals  # noqa: E402
 
 
 def parse(argv):
@@ -127,5 +128,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    exit_at_once_on_signals()  # a Ctrl-C during the imports in main() ends it, as in run.py
     with exit_on_user_error():
         sys.exit(main())

@@ -12,6 +12,7 @@ sys.path.insert(0, ROOT)
 
 from jaxtune.demo import ensure_demo_model, write_dataset  # noqa: E402
 from jaxtune.errors import exit_on_user_error  # noqa: E402
+from jaxtune.preemption import exit_at_once_on_signals  # noqa: E402
 
 
 def main():
@@ -27,5 +28,6 @@ def main():
 
 
 if __name__ == "__main__":
+    exit_at_once_on_signals()  # a Ctrl-C during the imports in main() ends it, as in run.py
     with exit_on_user_error():
         main()
