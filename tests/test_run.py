@@ -436,6 +436,20 @@ def test_bench_times_jaxtune_and_torch_in_separate_workers():
     assert re.search(r"\[bf16\] jaxtune [\d,]+ tokens/s .* torch [\d,]+ tokens/s .* ratio jaxtune/torch [\d.]+x$", line)
 
 
+def test_bench_knows_whether_the_cpu_has_bf16_matrix_instructions(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from bench import native_bf16_matmul
+
+    cpuinfo = tmp_path / "cpuinfo"
+    for flags, expected in [("fpu avx2 fma avx512f avx512_bf16", True), ("fpu avx2 amx_bf16 amx_tile", True),
+                            ("fpu avx avx2 fma avx512f avx512bw", False)]:
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+        assert native_bf16_matmul(str(cpuinfo)) is expected
+    cpuinfo.write_text("processor\t: 0\n")
+    assert native_bf16_matmul(str(cpuinfo)) is None
+    assert native_bf16_matmul(str(tmp_path / "missing")) is None
+
+
 def test_bench_arguments_are_checked_in_one_line():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), "--batch", "0"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
