@@ -195,6 +195,26 @@ def test_on_accelerators_remat_keeps_bf16_projection_outputs_in_bf16_unless_part
     assert _saved_bytes("dots", tokens, tensor_parallel) - on_accelerators == layers * tokens * c.hidden_size * 2
 
 
+def test_the_projections_that_keep_partial_sums_in_float32_are_those_the_rules_split_on_the_contraction():
+    """`Projection(row_parallel=True)` restates what PARTITION_RULES decide: a rule that moved
+    "tensor" onto (or off) a kernel's contracted axes without the flag would round partial
+    sums to bf16 (or keep whole sums in float32) with no other test noticing."""
+    from jaxtune.models.llama import Projection
+
+    graphdef, abstract = abstract_model(LlamaConfig.from_hf_dict({**TINY, "attention_bias": True}))
+    row_parallel, checked = set(), 0
+    for path, module in nnx.iter_graph(nnx.merge(graphdef, abstract)):
+        if isinstance(module, Projection):
+            spec = sharding.param_spec((*path, "kernel"))
+            stacked = int(path[0] == "layers")  # stacked layer parameters lead with [L]
+            splits_contraction = "tensor" in tuple(spec)[stacked: stacked + module.n_in]
+            assert module.row_parallel == splits_contraction, (path, spec)
+            row_parallel |= {sharding.path_str(path)} if splits_contraction else set()
+            checked += 1
+    assert checked == 8  # q, k, v, o, gate, up, down and the (untied) lm head
+    assert row_parallel == {"layers/self_attn/o_proj", "layers/mlp/down_proj"}
+
+
 @pytest.mark.parametrize("policy", list(REMAT_POLICIES))
 def test_no_remat_policy_keeps_memory_quadratic_in_the_sequence(policy):
     """What the backward pass keeps grows like T, not T^2: `dots` used to save every
