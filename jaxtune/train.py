@@ -123,6 +123,29 @@ def _resolved_config(config, mesh_sizes, settings) -> dict:
     return d
 
 
+def _changed_settings(previous_path: str, resolved: dict) -> list[str]:
+    """`key old -> new` for each setting that differs from the previous start's config.json:
+    a resume continues with whatever the command now says (a longer run, a lower learning
+    rate), and a setting changed by mistake should not pass unnoticed. Nothing if that file
+    is missing or unreadable (an older run, a copied checkpoint)."""
+    try:
+        with open(previous_path) as f:
+            previous = json.load(f)
+    except (OSError, ValueError):
+        return []
+
+    def flat(d, prefix=""):
+        out = {}
+        for key, value in d.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    before, after = flat(previous), flat(json.loads(json.dumps(resolved)))  # tuples as lists, as in the file
+    missing = object()
+    return [f"{key} {json.dumps(before.get(key))} -> {json.dumps(after.get(key))}"
+            for key in sorted(before.keys() | after.keys()) if before.get(key, missing) != after.get(key, missing)]
+
+
 def run(config, *, should_stop: Callable[[int], bool] | None = None) -> RunResult:
     """Trains as `config` says. `should_stop(step)` is checked after each step like a SIGTERM."""
     expand_user_paths(config)
@@ -233,10 +256,14 @@ class _Loop:
                                           self.mesh, self.shardings)
         self.eval_step = make_eval_step(self.graphdef, step_settings, self.mesh, self.shardings.params)
 
+        changed_settings = []
         if distributed.is_main():
             os.makedirs(c.workdir, exist_ok=True)
+            resolved = _resolved_config(c, self.mesh.devices.shape, self.data_settings)
+            if restored is not None:
+                changed_settings = _changed_settings(os.path.join(c.workdir, "config.json"), resolved)
             with open(os.path.join(c.workdir, "config.json"), "w") as f:
-                json.dump(_resolved_config(c, self.mesh.devices.shape, self.data_settings), f, indent=2)
+                json.dump(resolved, f, indent=2)
         if self.loop.wandb_id is None:
             self.loop.wandb_id = uuid.uuid4().hex[:16]  # used (and checkpointed) by process 0 only
         self.log = RunLogger(c.workdir, c, total_steps=self.total_steps, start_step=self.step,
@@ -249,6 +276,11 @@ class _Loop:
             f"{dict(zip(sharding.AXES, self.mesh.devices.shape))}; {self.total_steps} steps "
             f"({self.loader.steps_per_epoch} per epoch), warmup {warmup}"
         )
+        if changed_settings:
+            self.log.message(
+                f"warning: resuming from step {self.step} with settings other than those the run last started "
+                f"with: {'; '.join(changed_settings)} (config.json now holds the new ones)."
+            )
         self._warn_if_early_stopping_cannot_fire()
         if warmup >= self.total_steps > 1:
             source = (f"optimizer.warmup_steps={warmup}" if opt_settings.warmup_steps > 0

@@ -670,7 +670,7 @@ def test_ctrl_c_during_compilation_exits_without_training(reference, tmp_path):
     assert not os.path.exists(tmp_path / "run" / "checkpoints") or not os.listdir(tmp_path / "run" / "checkpoints")
 
 
-def test_the_same_command_after_a_completed_run_changes_nothing(reference, tmp_path):
+def test_the_same_command_after_a_completed_run_changes_nothing(reference, tmp_path, capsys):
     overrides, _ = reference
     # The last step is a save step but not an eval step: the final eval comes after the periodic save.
     config = make_config(overrides(tmp_path / "run", train__max_steps=6, train__eval_every=0, train__save_every=3))
@@ -680,6 +680,23 @@ def test_the_same_command_after_a_completed_run_changes_nothing(reference, tmp_p
     assert again.stop_reason == "completed" and again.step == 6
     assert _comparable(again.history) == _comparable(first.history)
     assert _comparable(read_metrics(tmp_path / "run")) == _comparable(first.history)
+    assert "warning: resuming" not in capsys.readouterr().out  # the same settings: nothing to point out
+
+
+def test_a_resume_with_other_settings_names_each_change(reference, tmp_path, capsys):
+    """A resume takes whatever the command now says (a longer run, another learning rate),
+    and config.json was silently replaced by it: a setting changed by mistake went unnoticed."""
+    overrides, _ = reference
+    run(make_config(overrides(tmp_path / "run", train__max_steps=2, train__eval_every=0, train__save_every=2)))
+    capsys.readouterr()
+    longer = make_config(overrides(tmp_path / "run", train__max_steps=3, train__eval_every=0, train__save_every=2,
+                                   optimizer__lr=1e-3))
+    assert run(longer).step == 3
+    out = capsys.readouterr().out
+    assert ("warning: resuming from step 2 with settings other than those the run last started with: "
+            "optimizer.lr 0.003 -> 0.001; train.max_steps 2 -> 3 (config.json now holds the new ones).") in out
+    with open(tmp_path / "run" / "config.json") as f:
+        assert json.load(f)["optimizer"]["lr"] == 1e-3
 
 
 def test_persistent_anomalies_can_stop_the_run(reference, tmp_path, monkeypatch):
