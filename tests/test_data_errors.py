@@ -44,6 +44,10 @@ def csv_text(text):
 CASES = [
     ("broken_json_line", jsonl({"text": "a"}, '{"text": "b"', {"text": "c"}), {}, "plain",
      ["d.jsonl:2", "malformed JSON"]),
+    # Half an emoji (a lone UTF-16 surrogate): json.loads takes it, no tokenizer can encode it.
+    ("lone_surrogate", jsonl(CHAT, '{"messages": [{"role": "user", "content": "hi"}, '
+                                   '{"role": "assistant", "content": "ok \\ud83d"}]}'), {}, "llama3",
+     ["d.jsonl:2", "field 'messages[1].content'", "'\\ud83d' at character 3", "surrogate"]),
     ("wrong_type", jsonl({"text": "a"}, {"text": 5}), {}, "plain",
      ["d.jsonl:2", "field 'text'", "a number, expected a string"]),
     ("null_field", jsonl(ALPACA, {"instruction": "x", "output": None}), {}, "plain",
@@ -178,14 +182,17 @@ def test_a_model_directory_without_tokenizer_files_says_so(tmp_path, plain_dir):
 
 def test_skip_counts_bad_records(tmp_path, llama3_dir, tokenizer_dirs):
     bad_role = {"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}
-    data = write_jsonl(tmp_path / "d.jsonl", [CHAT, "{not json", CHAT, {"messages": []}, bad_role, CHAT, "", CHAT])
+    # the tokenizer raised TypeError for the whole batch, which no skipping caught
+    surrogate = '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "\\udc00"}]}'
+    data = write_jsonl(tmp_path / "d.jsonl", [CHAT, "{not json", CHAT, {"messages": []}, bad_role, CHAT, "", CHAT,
+                                              surrogate])
     got = prepare_datasets(settings(data, llama3_dir, on_bad_record="skip"), load_tokenizer(llama3_dir),
                            log=lambda m: None)
     r = got.report
-    assert r.bad_records == 3 and r.train.records == 4 and r.train.samples == 4
-    assert [e.split(": ")[0] for e in r.bad_record_examples] == [f"{data}:2", f"{data}:4", f"{data}:5"]
-    assert r.files[0].records == 4 and r.files[0].bad_records == 3
-    assert "skipped 3 bad record(s)" in r.summary()
+    assert r.bad_records == 4 and r.train.records == 4 and r.train.samples == 4
+    assert [e.split(": ")[0] for e in r.bad_record_examples] == [f"{data}:2", f"{data}:4", f"{data}:5", f"{data}:9"]
+    assert r.files[0].records == 4 and r.files[0].bad_records == 4
+    assert "skipped 4 bad record(s)" in r.summary()
 
     # Conversations the template refuses are found while tokenizing; they are skipped and counted too.
     refused = {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},

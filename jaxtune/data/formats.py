@@ -161,6 +161,11 @@ def _string(record: Any, key: str, location: Location, optional: bool = False, p
         raise BadRecord(location, f"missing field '{name}'", name)
     if not isinstance(value, str):
         raise BadRecord(location, f"field '{name}' is {describe_type(value)}, expected a string", name)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # json.loads accepts "\ud83d"; tokenizers fail the whole batch on it
+        raise BadRecord(location, f"field '{name}' holds {value[e.start]!r} at character {e.start}, half of a "
+                        "UTF-16 surrogate pair, which is not text (a broken escape in the data)", name) from None
     return value
 
 
