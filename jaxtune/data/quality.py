@@ -214,8 +214,11 @@ def check_data(settings: DataSettings, tokenizer, *, ngram: int = 13,
         eval_read, eval_invalid = _read_split("eval", eval_files, settings)
         eval_part, eval_source = eval_read.samples, "files"
     elif settings.eval_fraction > 0:  # as training does: these records are not trained on
-        train_part, eval_part = pipeline.hold_out(train_read.samples, settings.eval_fraction, settings.seed)
-        eval_read, eval_invalid, eval_source = train_read, [], f"held out of train (eval_fraction {settings.eval_fraction})"
+        try:
+            train_part, eval_part = pipeline.hold_out(train_read.samples, settings.eval_fraction, settings.seed)
+            eval_read, eval_invalid, eval_source = train_read, [], f"held out of train (eval_fraction {settings.eval_fraction})"
+        except UserError as e:  # too few valid records to hold any out: an error of the report, listed
+            findings.append(Finding("error", "no_records_left_to_train", len(train_read.samples), str(e)))
     train, train_samples, train_tok = _check_split(
         "train", train_read.files, train_part, train_invalid, settings, encoder, findings, vocab_size)
     eval_q, overlap = None, None
