@@ -117,7 +117,8 @@ def test_a_file_named_in_several_spellings_is_read_once(tmp_path, llama3_dir, mo
     monkeypatch.chdir(tmp_path)
     write_jsonl(tmp_path / "a.jsonl", ALPACA)
     os.symlink(tmp_path / "a.jsonl", tmp_path / "link.jsonl")
-    specs = ["a.jsonl", "./a.jsonl", str(tmp_path / "a.jsonl"), "*.jsonl"]
+    os.link(tmp_path / "a.jsonl", tmp_path / "hard.jsonl")  # `cp -al`: a real path of its own; it read twice
+    specs = ["a.jsonl", "./a.jsonl", str(tmp_path / "a.jsonl"), "*.jsonl", "hard.jsonl"]
     assert resolve_files(tuple(specs), "data.train_files") == [SourceFile("a.jsonl", "jsonl")]
     data = rows_of(specs, llama3_dir)
     assert data.report.train.records == len(ALPACA)
@@ -156,6 +157,9 @@ def test_an_eval_file_that_a_train_glob_also_matches_is_refused(tmp_path, llama3
         rows_of([str(tmp_path / "*.jsonl")], llama3_dir, eval_files=(str(tmp_path / "./eval.jsonl"),))
     data = rows_of([str(tmp_path / "train.jsonl")], llama3_dir, eval_files=(str(tmp_path / "eval.jsonl"),))
     assert (data.report.train.records, data.report.eval.records) == (3, 1)
+    os.link(tmp_path / "train.jsonl", tmp_path / "hard_link.jsonl")  # a hard link: the same records
+    with pytest.raises(UserError, match=r"hard_link.jsonl is in both data.train_files and data.eval_files"):
+        rows_of([str(tmp_path / "train.jsonl")], llama3_dir, eval_files=(str(tmp_path / "hard_link.jsonl"),))
 
 
 def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path):

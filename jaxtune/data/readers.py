@@ -71,10 +71,17 @@ class SourceFile:
         return out
 
 
+def same_file_key(path: str) -> tuple[int, int]:
+    """What two names of one file share, whatever the spelling: a symlink's target or a hard
+    link (`cp -al`, `rsync --link-dest`), which a real path does not reveal."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
 def refuse_shared_files(train: list[SourceFile], evaluation: list[SourceFile]) -> None:
     """An eval file that a train glob also matches would be trained on and then evaluated."""
-    train_paths = {os.path.realpath(f.path) for f in train}
-    shared = [f.path for f in evaluation if os.path.realpath(f.path) in train_paths]
+    train_files = {same_file_key(f.path) for f in train}
+    shared = [f.path for f in evaluation if same_file_key(f.path) in train_files]
     if shared:
         raise UserError(
             f"{shared[0]} is in both data.train_files and data.eval_files, so its records would be trained "
@@ -84,9 +91,10 @@ def refuse_shared_files(train: list[SourceFile], evaluation: list[SourceFile]) -
 
 def resolve_files(specs: tuple[str, ...], key: str) -> list[SourceFile]:
     """Expands files, globs and `save_to_disk` directories (in the order given, globs sorted).
-    A file named twice, in any spelling (`a.jsonl`, `./a.jsonl`, a link), is read once."""
+    A file named twice, in any spelling (`a.jsonl`, `./a.jsonl`, a symbolic or hard link), is
+    read once."""
     files: list[SourceFile] = []
-    seen: set[str] = set()  # real paths; messages keep the path as given
+    seen: set[tuple[int, int]] = set()  # same_file_key; messages keep the path as given
     for spec in specs:
         if glob.has_magic(spec):
             matches = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
@@ -97,9 +105,9 @@ def resolve_files(specs: tuple[str, ...], key: str) -> list[SourceFile]:
             if not os.path.exists(matches[0]):
                 raise UserError(f"{key}: {spec} does not exist.")
         for path in matches:
-            real = os.path.realpath(path)
-            if real not in seen:
-                seen.add(real)
+            identity = same_file_key(path)
+            if identity not in seen:
+                seen.add(identity)
                 files.append(_source(path, key))
     return files
 
