@@ -173,6 +173,44 @@ def test_messages_multi_turn_trains_every_assistant_turn_only(tmp_path, llama3_d
     assert "".join(turns) == "six<|eot_id|>also six<|eot_id|>"
 
 
+LLAMA32_DATED_SYSTEM = (  # Llama 3.2 Instruct's date handling, on the Llama 3 turns
+    "{{- bos_token }}{%- if not date_string is defined %}{%- if strftime_now is defined %}"
+    "{%- set date_string = strftime_now('%d %b %Y') %}{%- else %}{%- set date_string = '26 Jul 2024' %}"
+    "{%- endif %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\n\nToday Date: ' + date_string + '<|eot_id|>' }}"
+    "{%- for m in messages %}{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim"
+    " + '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"
+)
+
+
+def test_a_template_that_prints_todays_date_gives_the_same_rows_on_every_day(tmp_path, llama3_dir, monkeypatch):
+    """Llama 3.2's template wrote the clock's date into every sample: rows changed with the day
+    (a cold-cache resume was refused as other data), and a batch rendered across midnight had
+    conversations and prefixes of different days (bad records)."""
+    import datetime
+
+    from transformers.utils import chat_template_utils
+
+    class Clock:  # each call a day later: midnight between any two renders
+        day = 0
+
+        @classmethod
+        def now(cls):
+            cls.day += 1
+            return datetime.datetime(2025, 3, 1) + datetime.timedelta(days=cls.day)
+
+    monkeypatch.setattr(chat_template_utils, "datetime", Clock)
+    tok = load_tokenizer(llama3_dir)
+    tok.chat_template = LLAMA32_DATED_SYSTEM
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                            {"role": "assistant", "content": "hello"}]}] * 3)
+    runs = [prepare_datasets(settings(data, llama3_dir), tok, log=lambda m: None) for _ in range(2)]
+    assert runs[0].train.equals(runs[1].train) and runs[0].report.train.samples == 3
+    row = runs[0].train.input_ids[0][runs[0].train.segment_ids[0] == 1]
+    assert "Today Date: 26 Jul 2024" in tok.decode(row.tolist())
+
+
 def test_llama3_template_without_generation_config_appends_eos(tmp_path):
     tok_dir = tmp_path / "tok"
     make_tokenizer(tok_dir, "llama3")  # eos <|end_of_text|>; <|eot_id|> is not known to end a turn

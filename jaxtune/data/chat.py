@@ -17,6 +17,14 @@ from jaxtune.data.formats import Message
 from jaxtune.data.records import BadRecord, Location
 
 
+# Llama 3.1-3.3 templates write "Today Date: <date_string>" into the system header and, unless
+# the caller gives `date_string`, take it from the clock (`strftime_now`): the same data then
+# tokenized into other rows on another day (a resume with a cold cache was refused as changed
+# data), and a batch rendered across midnight had prefixes that did not match its
+# conversations (bad records). The templates' own fallback date makes rows reproducible.
+TEMPLATE_DATE_STRING = "26 Jul 2024"
+
+
 @dataclasses.dataclass(frozen=True)
 class RenderedChat:
     text: str  # the whole conversation, exactly as apply_chat_template(tokenize=False) renders it
@@ -98,14 +106,16 @@ def _render_all(tokenizer, requests: list[tuple[list[dict], bool]]) -> list[str 
             continue
         try:
             texts = tokenizer.apply_chat_template(
-                [requests[i][0] for i in idx], tokenize=False, add_generation_prompt=flag
+                [requests[i][0] for i in idx], tokenize=False, add_generation_prompt=flag,
+                date_string=TEMPLATE_DATE_STRING,
             )
         except Exception:  # some conversation in the batch fails: find which, one at a time
             texts = []
             for i in idx:
                 try:
                     texts.append(
-                        tokenizer.apply_chat_template(requests[i][0], tokenize=False, add_generation_prompt=flag)
+                        tokenizer.apply_chat_template(requests[i][0], tokenize=False, add_generation_prompt=flag,
+                                                      date_string=TEMPLATE_DATE_STRING)
                     )
                 except Exception as e:  # the template's raise_exception, jinja errors, ...
                     texts.append(e)
