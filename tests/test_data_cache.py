@@ -94,19 +94,22 @@ def test_a_cache_that_cannot_be_written_is_a_warning(tmp_path, llama3_dir):
     assert uncached.train.equals(reference.train)
 
 
-@pytest.mark.parametrize("damage", ["zero_length", "half", "garbage"])
+@pytest.mark.parametrize("damage", ["zero_length", "half", "garbage", "eval_missing"])
 def test_an_entry_damaged_in_any_way_is_rebuilt(tmp_path, llama3_dir, damage):
     data = write_jsonl(tmp_path / "d.jsonl", CHATS)
-    s = settings(data, llama3_dir, cache_dir=str(tmp_path / "cache"))
+    s = settings(data, llama3_dir, cache_dir=str(tmp_path / "cache"), eval_fraction=0.3)
     first, _ = prepare(s, llama3_dir)
     (entry,) = os.listdir(tmp_path / "cache")
-    npz = tmp_path / "cache" / entry / "train.npz"
-    content = npz.read_bytes()
-    npz.write_bytes({"zero_length": b"", "half": content[: len(content) // 2], "garbage": b"truncated"}[damage])
+    if damage == "eval_missing":  # was a hit with no eval rows: the run skipped evaluation
+        os.remove(tmp_path / "cache" / entry / "eval.npz")
+    else:
+        npz = tmp_path / "cache" / entry / "train.npz"
+        content = npz.read_bytes()
+        npz.write_bytes({"zero_length": b"", "half": content[: len(content) // 2], "garbage": b"truncated"}[damage])
     again, log = prepare(s, llama3_dir)
-    assert "cache miss" in log and again.train.equals(first.train)
+    assert "cache miss" in log and again.train.equals(first.train) and again.eval.equals(first.eval)
     third, log = prepare(s, llama3_dir)
-    assert "cache hit" in log and third.train.equals(first.train)
+    assert "cache hit" in log and third.train.equals(first.train) and third.eval.equals(first.eval)
 
 
 def test_runs_sharing_a_cache_can_write_the_same_entry_at_once(tmp_path):

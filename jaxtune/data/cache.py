@@ -61,8 +61,9 @@ def load(cache_dir: str, key: str) -> tuple[Rows, Rows | None, dict] | None:
         with open(os.path.join(path, "report.json")) as f:
             report = json.load(f)
         train = _load_rows(os.path.join(path, "train.npz"))
-        eval_file = os.path.join(path, "eval.npz")
-        eval_rows = _load_rows(eval_file) if os.path.isfile(eval_file) else None
+        # the report says whether the entry has an eval split: a missing eval.npz is damage,
+        # not "no eval" (the run would have skipped evaluation)
+        eval_rows = _load_rows(os.path.join(path, "eval.npz")) if report.get("eval") is not None else None
     except Exception:  # noqa: BLE001 - truncated, zero-length, not a zip, wrong fields: rebuild
         return None
     return train, eval_rows, report
