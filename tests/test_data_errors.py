@@ -81,9 +81,11 @@ CASES = [
      ["d.jsonl:1", "cannot tell the format", "question, answer", "data.format"]),
     ("all_samples_too_long", jsonl({"text": "hello world " * 20}, {"text": "the quick brown fox " * 10}),
      {"max_seq_len": 8, "truncation": "drop"}, "plain",
-     ["all 2 train sample(s) were dropped", "2 longer than data.max_seq_len=8"]),
+     ["all 2 train sample(s) were dropped", "2 longer than data.max_seq_len=8",
+      "; raise data.max_seq_len, use data.truncation=truncate, or fix the data."]),
     ("no_trained_tokens_left", jsonl({"prompt": "hello world " * 20, "completion": "hi"}), {"max_seq_len": 8},
-     "plain", ["all 1 train sample(s) were dropped", "no trained token"]),
+     "plain", ["all 1 train sample(s) were dropped", "no trained token",
+               "; raise data.max_seq_len, or fix the data."]),  # not truncation=truncate: it was truncated
     ("csv_missing_column", csv_text("instruction,input\nsay hi,\n"), {"format": "alpaca"}, "plain",
      ["t.csv has no column 'output'", "format alpaca", "instruction, input"]),
     ("csv_short_row", csv_text("text,extra\na,b\nc\n"), {"format": "text"}, "plain",

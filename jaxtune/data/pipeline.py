@@ -206,7 +206,13 @@ def _all_dropped(split: str, stats: SplitStats, settings: DataSettings, where: s
         reasons.append(f"{stats.bad_records:,} the chat template could not render")
     if not stats.records:
         return f"no {split} records {where}: there are fewer records than processes.".replace("  ", " ")
+    remedies = []  # only those that would help: truncation=truncate keeps a too-long sample, not an empty one
+    if stats.dropped_too_long or stats.dropped_no_trained_tokens:
+        remedies.append("raise data.max_seq_len")
+    if stats.dropped_too_long:
+        remedies.append("use data.truncation=truncate")
+    remedies.append("fix the data")
     return (
         f"all {stats.records:,} {split} sample(s) {where} were dropped ({', '.join(reasons)}); "
-        "raise data.max_seq_len, use data.truncation=truncate, or fix the data."
+        f"{', '.join(remedies[:-1])}{', or ' if len(remedies) > 1 else ''}{remedies[-1]}."
     ).replace("  ", " ")
