@@ -162,6 +162,14 @@ def test_an_eval_file_that_a_train_glob_also_matches_is_refused(tmp_path, llama3
         rows_of([str(tmp_path / "train.jsonl")], llama3_dir, eval_files=(str(tmp_path / "hard_link.jsonl"),))
 
 
+def test_blank_lines_before_a_csv_header_are_ignored(tmp_path, llama3_dir):
+    """The blank first line was taken for the header: "cannot tell the format from its columns"."""
+    (tmp_path / "t.csv").write_text("\n\ninstruction,output\nsay hello,hello\n")
+    got = [(str(r.location), r.value) for r in SourceFile(str(tmp_path / "t.csv"), "csv").records()]
+    assert got == [(f"{tmp_path / 't.csv'}:4", {"instruction": "say hello", "output": "hello"})]
+    assert rows_of([str(tmp_path / "t.csv")], llama3_dir).report.train.records == 1
+
+
 def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path):
     path = tmp_path / "t.csv"
     path.write_text("instruction,output,output\nsay hello,hello,bye\n")

@@ -33,7 +33,7 @@ class SourceFile:
         if self.kind == "csv":
             with _open_text(self.path) as f:
                 try:
-                    header = next(csv.reader(f, strict=True), None)
+                    header = _csv_header(csv.reader(f, strict=True))
                 except (csv.Error, UnicodeDecodeError) as e:
                     raise UserError(f"{self.path}: cannot read the CSV header ({e}).") from None
             return tuple(header or ())
@@ -196,7 +196,7 @@ def _read_csv(path: str) -> Iterator[Record | BadRecord]:
         with _open_text(path) as f:
             # strict: a quote left open would otherwise swallow the rows after it into one field
             reader = csv.reader(f, strict=True)
-            header = next(reader, None)
+            header = _csv_header(reader)
             if header is None:
                 return
             twice = sorted({name for name in header if header.count(name) > 1})
@@ -217,6 +217,11 @@ def _read_csv(path: str) -> Iterator[Record | BadRecord]:
         raise UserError(f"{path} is not valid UTF-8 text.") from None
     except csv.Error as e:
         raise UserError(f"{path}:{reader.line_num}: malformed CSV ({e}).") from None
+
+
+def _csv_header(reader) -> list[str] | None:
+    """The first row that is not blank (blank lines are ignored everywhere, also before it)."""
+    return next((row for row in reader if row), None)
 
 
 def _parquet_file(path: str):
