@@ -20,6 +20,30 @@ import jax
 from jaxtune.errors import UserError
 
 
+def check_wandb_login(config) -> None:
+    """W&B's usual failure, no API key on a headless host, found before the data and the
+    weights: found when the logger starts, it cost all that work and came after
+    `train.overwrite` had deleted the previous run's checkpoints."""
+    if not config.logging.wandb or jax.process_index() != 0:
+        return
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return  # no login needed
+    try:
+        import wandb
+    except ImportError:
+        return  # the logger warns and runs without it
+    try:
+        wandb.login(verify=False)  # the key from WANDB_API_KEY, ~/.netrc or a prompt; no run is made
+    except Exception as e:
+        raise _wandb_did_not_start(e) from None
+
+
+def _wandb_did_not_start(e: Exception) -> UserError:
+    why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return UserError(f"logging.wandb=True but W&B did not start ({why}); run `wandb login`, set "
+                     "WANDB_MODE=offline, or set logging.wandb=False.")
+
+
 class RunLogger:
     def __init__(self, workdir: str, config, *, total_steps: int, start_step: int, history: list[dict],
                  wandb_id: str | None = None, enabled: bool | None = None):
@@ -60,11 +84,7 @@ class RunLogger:
                         name=os.path.basename(os.path.abspath(workdir)), id=wandb_id, resume="allow",
                     )
                 except Exception as e:  # wandb's own error types: no login on a headless host, no network, ...
-                    why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                    raise UserError(
-                        f"logging.wandb=True but W&B did not start ({why}); run `wandb login`, set "
-                        "WANDB_MODE=offline, or set logging.wandb=False."
-                    ) from None
+                    raise _wandb_did_not_start(e) from None
         if lc.progress_bar:
             from tqdm import tqdm
 

@@ -26,7 +26,7 @@ from jaxtune.config import MAX_STEPS, expand_user_paths, has_eval_data, metric_g
 from jaxtune.errors import UserError
 from jaxtune.evaluate import EvalResult, evaluate
 from jaxtune.flops import flops_per_token, peak_flops_per_device
-from jaxtune.logging import RunLogger
+from jaxtune.logging import RunLogger, check_wandb_login
 from jaxtune.models.hf_io import abstract_model, check_checkpoint, load_params
 from jaxtune.models.llama import LlamaConfig
 from jaxtune.optim import OptimizerSettings, build_optimizer, lr_schedule, num_warmup_steps
@@ -189,6 +189,7 @@ class _Loop:
         # Names and shapes of the weights, before the workdir is touched or any data is read.
         check_checkpoint(c.model.hf_path, self.model_config, self.abstract_params, c.model.allow_pickle)
         resume = _check_workdir(c)
+        check_wandb_login(c)
 
         # Data: validated and tokenized before any weight is loaded.
         self.data_settings = DataSettings.from_config(c)

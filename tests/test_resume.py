@@ -895,6 +895,7 @@ def test_tensorboard_and_wandb_after_a_restart_describe_one_run(reference, tmp_p
     overrides, _ = reference
     inits, logged = [], []
     fake = types.ModuleType("wandb")
+    fake.login = lambda **kw: True
     fake.init = lambda **kw: inits.append(kw) or fake
     fake.log = lambda data, step: logged.append(step)
     fake.finish = lambda: None

@@ -412,6 +412,7 @@ def test_progress_bar_and_wandb_are_wired(tiny, monkeypatch, capsys):
 
     calls = {"init": [], "log": [], "finish": 0}
     fake = types.ModuleType("wandb")
+    fake.login = lambda **kw: True
     fake.init = lambda **kw: calls["init"].append(kw) or fake
     fake.log = lambda data, step: calls["log"].append((step, data))
     fake.finish = lambda: calls.__setitem__("finish", calls["finish"] + 1)
@@ -480,10 +481,43 @@ def test_an_eval_line_keeps_the_train_values_on_the_progress_bar(tmp_path):
     log.close(plot=False)
 
 
+def test_a_wandb_login_that_fails_is_found_before_the_data_and_before_overwrite_deletes(tiny, monkeypatch):
+    """No API key on a headless host was found only when the logger started: after the data,
+    the weights, and `train.overwrite` deleting the previous run's checkpoints."""
+    import types
+
+    import jaxtune.data
+
+    run(make_config(tiny(train__max_steps=2, train__eval_every=0)))
+    checkpoints = os.path.join(tiny()["workdir"], "checkpoints")
+    assert os.listdir(checkpoints) == ["2"]
+    fake = types.ModuleType("wandb")
+
+    def login(**kw):
+        raise RuntimeError("No API key configured. Use `wandb login` to log in.")
+
+    fake.login = login
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+
+    def no_data(*a, **kw):
+        raise AssertionError("the data was prepared before W&B's login was checked")
+
+    monkeypatch.setattr(jaxtune.data, "prepare_datasets", no_data)
+    again = make_config(tiny(train__max_steps=2, train__eval_every=0, train__resume="never", train__overwrite=True,
+                             logging__wandb=True))
+    with pytest.raises(UserError, match=r"^logging.wandb=True but W&B did not start \(No API key configured"):
+        run(again)
+    assert os.listdir(checkpoints) == ["2"]  # the previous run is still there
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no login needed: not checked
+    with pytest.raises(AssertionError, match="the data was prepared"):
+        run(again)
+
+
 def test_wandb_that_cannot_start_is_one_clear_error(tmp_path, monkeypatch):
     import types
 
     fake = types.ModuleType("wandb")
+    fake.login = lambda **kw: True
 
     def init(**kw):
         raise RuntimeError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])\nmore detail")
