@@ -301,7 +301,14 @@ def _kind(default) -> tuple[str, Callable[[object], bool]]:
 def _check_types(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, prefix: str = "") -> None:
     """Every key holds a value of its default's type. ml_collections lets None through for any
     field, and does not look inside tuples, so a recipe could otherwise pass a None or a Path
-    that fails much later with a traceback."""
+    that fails much later with a traceback. A key the defaults do not have is refused here
+    too: a recipe that unlocks its config (or builds a new ConfigDict) could add a misspelt
+    key that nothing reads."""
+    unknown = sorted(set(config.keys()) - set(reference.keys()))
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], list(reference.keys()), n=1)
+        raise UserError(f"unknown key {prefix + unknown[0]!r}"
+                        + (f" (did you mean {prefix + near[0]!r}?)" if near else "") + ".")
     for key, default in reference.items():
         name = prefix + key
         if key not in config:

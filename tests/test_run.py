@@ -87,6 +87,11 @@ def test_a_parenthesised_file_name_is_one_file_not_its_characters():
         ("def get_config():\n    return undefined_name\n", "get_config() failed: NameError"),
         ("import ml_collections\ndef get_config():\n    return ml_collections.ConfigDict({'workdir': 'w'})\n",
          "config key anomaly is missing (a recipe replaced its section?)"),
+        # an unlocked config takes any key: the misspelt one trained for the default number of steps
+        ("from jaxtune.config import defaults\ndef get_config():\n    c = defaults()\n    c.unlock()\n"
+         "    c.train.max_step = 5\n    return c\n", "unknown key 'train.max_step' (did you mean 'train.max_steps'?)."),
+        ("import ml_collections\nfrom jaxtune.config import defaults\ndef get_config():\n"
+         "    return ml_collections.ConfigDict({**defaults().to_dict(), 'epochs': 3})\n", "unknown key 'epochs'."),
     ],
 )
 def test_a_recipe_that_fails_to_run_is_one_clear_error(text, message, tmp_path):
