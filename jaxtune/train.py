@@ -283,13 +283,14 @@ class _Loop:
                 f"with: {'; '.join(changed_settings)} (config.json now holds the new ones)."
             )
         self._warn_if_early_stopping_cannot_fire()
-        if warmup >= self.total_steps > 1:
+        if warmup >= self.total_steps:
             source = (f"optimizer.warmup_steps={warmup}" if opt_settings.warmup_steps > 0
-                      else f"{warmup} steps from optimizer.warmup_ratio={opt_settings.warmup_ratio:g}")
+                      else f"{warmup} step(s) from optimizer.warmup_ratio={opt_settings.warmup_ratio:g}")
             self.log.message(
                 f"warning: the warmup ({source}) is not shorter than the run ({self.total_steps} steps): "
-                f"the learning rate only rises and ends at {(self.total_steps - 1) / warmup:.3g} x optimizer.lr, "
-                "with no decay."
+                + (f"the learning rate only rises and ends at {(self.total_steps - 1) / warmup:.3g} x optimizer.lr, "
+                   "with no decay." if self.total_steps > 1 else
+                   "its one update has learning rate 0, so the run changes no weight.")
             )
         context, positions = self.model_config.context_length, self.model_config.max_position_embeddings
         if c.data.max_seq_len > context:  # RoPE computes any position

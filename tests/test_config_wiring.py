@@ -317,7 +317,7 @@ def test_a_sequence_longer_than_the_models_context_is_warned_about(tiny, monkeyp
 
 
 @pytest.mark.parametrize("warmup_steps, warmup_ratio, source", [
-    (12, 0.0, "optimizer.warmup_steps=12"), (11, 0.0, None), (0, 0.95, "12 steps from optimizer.warmup_ratio=0.95"),
+    (12, 0.0, "optimizer.warmup_steps=12"), (11, 0.0, None), (0, 0.95, "12 step(s) from optimizer.warmup_ratio=0.95"),
 ])
 def test_a_warmup_as_long_as_the_run_is_warned_about(tiny, monkeypatch, capsys, warmup_steps, warmup_ratio, source):
     """Warmup steps are set before the data gives the run's length (12 steps here): a
@@ -330,6 +330,15 @@ def test_a_warmup_as_long_as_the_run_is_warned_about(tiny, monkeypatch, capsys, 
         warmup = warmup_steps or 12
         assert (f"warning: the warmup ({source}) is not shorter than the run (12 steps): the learning rate only "
                 f"rises and ends at {11 / warmup:.3g} x optimizer.lr") in said
+
+
+def test_a_one_step_run_whose_warmup_leaves_it_a_learning_rate_of_0_is_warned_about(tiny, monkeypatch, capsys):
+    """A one-step smoke run with the default warmup ratio trained with lr 0 and changed nothing,
+    silently: the warning was kept for runs of more than one step."""
+    _run_recorded(monkeypatch, tiny(train__max_steps=1, optimizer__warmup_steps=0, optimizer__warmup_ratio=0.05))
+    out = capsys.readouterr()
+    assert ("warning: the warmup (1 step(s) from optimizer.warmup_ratio=0.05) is not shorter than the run (1 steps): "
+            "its one update has learning rate 0, so the run changes no weight.") in out.out + out.err
 
 
 # ---- data.* ---------------------------------------------------------------------------------
