@@ -390,6 +390,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice(d.on_bad_record, ("error", "skip"), "data.on_bad_record")
     if d.max_seq_len < 2:
         raise UserError(f"data.max_seq_len must be at least 2, got {d.max_seq_len}.")
+    if d.max_seq_len >= 2**31:
+        raise UserError(f"data.max_seq_len must be below 2**31 (positions are int32), got {d.max_seq_len}.")
     if not 0 <= d.eval_fraction < 1:
         raise UserError(f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}.")
 
@@ -404,8 +406,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise UserError("train.max_steps must be positive, or -1 to train for train.num_epochs.")
     if t.max_steps >= MAX_STEPS:
         raise UserError(f"train.max_steps must be below 2**31 (the step counters are int32), got {t.max_steps}.")
-    if t.max_steps == -1 and t.num_epochs <= 0:
-        raise UserError("train.num_epochs must be positive when train.max_steps is -1.")
+    if t.num_epochs <= 0:  # also when train.max_steps overrides it: a negative count is a mistake
+        raise UserError(f"train.num_epochs must be positive, got {t.num_epochs}.")
     if t.log_every < 1:
         raise UserError("train.log_every must be at least 1.")
     if t.eval_every < 0 or t.save_every < 1:
@@ -441,6 +443,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise UserError("checkpoint.keep and checkpoint.keep_best must be at least 1.")
     if es.patience < 0 or es.min_delta < 0:
         raise UserError("early_stopping.patience and min_delta must be >= 0.")
+    if es.min_delta and not es.patience:
+        raise UserError("early_stopping.min_delta has no effect without early_stopping.patience > 0 (it only "
+                        "decides which evaluations count as improvements for early stopping).")
     needs_eval = [
         name for name, on in (
             ("train.load_best_at_end", t.load_best_at_end), ("early_stopping.patience", es.patience > 0),

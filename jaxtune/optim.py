@@ -2,7 +2,9 @@
 
 - `lr(k)` is the learning rate of the k-th applied update (0-based), as HF's LambdaLR:
   warmup rises linearly from 0 (so the first update has lr 0 when warmup > 0), then
-  linear, cosine or constant decay reaches `min_lr_ratio * lr` at the last step.
+  linear or cosine decay towards `min_lr_ratio * lr`, which the update after the last would
+  have (as HF's schedules reach 0 there: the last update's lr is one decay step above it),
+  or constant.
 - `warmup_steps > 0` overrides `warmup_ratio`; the ratio gives `ceil(ratio * total)`.
 - Decoupled weight decay (`p -= lr * wd * p`, torch.optim.AdamW) on every parameter but
   norm weights and biases (HF's default grouping; embeddings are decayed).

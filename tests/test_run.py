@@ -63,6 +63,12 @@ def test_config_errors_are_one_line_before_any_work(args, message, tmp_path):
         (["--config.train.max_steps=3000000000"], "train.max_steps must be below 2**31"),  # an OverflowError, late
         (["--config", "configs"], "config file configs is a directory"),
         (["--config.data.train_files=(5)"], "data.train_files must be a list of paths (strings), got (5,)"),  # TypeError
+        # accepted silently: ignored (max_steps overrides it), or with no effect (no early stopping)
+        (["--config.train.num_epochs=-3", "--config.train.max_steps=2"], "train.num_epochs must be positive, got -3.0"),
+        (["--config.early_stopping.min_delta=0.5"], "early_stopping.min_delta has no effect without "
+                                                    "early_stopping.patience > 0"),
+        # a traceback after tokenizing (a 32 GiB array); positions are int32
+        (["--config.data.max_seq_len=8589934592"], "data.max_seq_len must be below 2**31 (positions are int32)"),
     ],
 )
 def test_more_command_line_mistakes_are_one_clear_error(args, message):
