@@ -149,8 +149,8 @@ def _wrong_type_message(error: TypeError) -> str:
     and cannot be casted to type <class 'tuple'>", said plainly; a lone string for a list is
     usually a one-item tuple without its comma."""
     text = str(error)
-    m = re.search(r"field '([^']+)'.*?\. (.*) is of original type <class '(\w+)'> and cannot be casted to "
-                  r"type <class '(\w+)'>", text, re.S)
+    m = re.search(r"field '([^']+)'.*?\. (.*) is of original type <class '([\w.]+)'> and cannot be casted to "
+                  r"type <class '([\w.]+)'>", text, re.S)
     if m is None:
         return text
     field, value, got, want = m.groups()

@@ -119,6 +119,8 @@ def test_a_recipe_that_fails_to_run_is_one_clear_error(text, message, tmp_path):
                                                  "(one item is (\"train.jsonl\",), with the comma)."),
         ("c.train.max_steps = '5'", "max_steps must be of type int, got the str '5'."),
         ("c.model.hf_path = 5", "hf_path must be of type str, got the int 5."),  # was "got the int '5'"
+        # was ml_collections' own "Could not override field 'max_steps' (reference). 2 is of original type ..."
+        ("c.train.max_steps = __import__('numpy').int64(2)", "max_steps must be of type int, got the numpy.int64 2."),
     ],
 )
 def test_a_recipe_that_sets_a_misspelt_key_or_a_wrong_type_is_refused(line, message, tmp_path):
