@@ -5,6 +5,8 @@ There is no accelerator here, so the accelerator path runs on CPU with
 `matmul.cpu_layouts` patched to False: what differs is only how operands are laid out.
 """
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -36,8 +38,12 @@ def test_accelerator_layouts_train_the_same_numbers_without_copies(ckpt, monkeyp
     cpu_losses, cpu_params, cpu_text = _train(ckpt, rows, compute_dtype=compute_dtype, chunk=chunk)
     monkeypatch.setattr(matmul, "cpu_layouts", lambda: False)
     losses, params, text = _train(ckpt, rows, compute_dtype=compute_dtype, chunk=chunk)
-    # Losses and gradient norms of three steps; only the order of float32 sums differs.
-    np.testing.assert_allclose(losses, cpu_losses, rtol=1e-6 if compute_dtype == "float32" else 1e-3)
+    # Losses and gradient norms of three steps; only the order of float32 sums differs, and with
+    # tied embeddings in bf16 the lm head's kernel gradient, which on CPU is made from float32
+    # inputs (losses.py), so one bf16 rounding (2**-8 = 3.9e-3) apart: 1.6e-3 seen on an AVX2 CPU.
+    tied = json.loads((ckpt / "config.json").read_text())["tie_word_embeddings"]
+    rtol = 1e-6 if compute_dtype == "float32" else (4e-3 if tied else 1e-3)
+    np.testing.assert_allclose(losses, cpu_losses, rtol=rtol)
     if compute_dtype == "float32":  # (in bf16, Adam turns rounding in near-zero gradients into lr-sized steps)
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(cpu_params)):
             np.testing.assert_allclose(a, b, atol=1e-5)
