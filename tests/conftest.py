@@ -9,6 +9,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# One XLA compilation cache for the session, shared with the runs tests start as subprocesses:
+# most tests train the same tiny models, whose steps every run compiled again.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    _XLA_CACHE = tempfile.mkdtemp(prefix="jaxtune-tests-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+else:
+    _XLA_CACHE = None
 
 import sys
 
@@ -44,3 +54,10 @@ def tiny(run_assets, tmp_path):
         return {**base, **{k.replace("__", "."): v for k, v in kw.items()}}
 
     return make
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _XLA_CACHE:
+        import shutil
+
+        shutil.rmtree(_XLA_CACHE, ignore_errors=True)
