@@ -124,7 +124,8 @@ def _resolved_config(config, mesh_sizes, settings) -> dict:
 
 
 def _changed_settings(previous_path: str, resolved: dict) -> list[str]:
-    """`key old -> new` for each setting that differs from the previous start's config.json:
+    """`key old -> new` for each setting of `resolved` (as read back from its JSON, so tuples
+    are lists) that differs from the previous start's config.json:
     a resume continues with whatever the command now says (a longer run, a lower learning
     rate), and a setting changed by mistake should not pass unnoticed. Nothing if that file
     is missing or unreadable (an older run, a copied checkpoint)."""
@@ -140,7 +141,7 @@ def _changed_settings(previous_path: str, resolved: dict) -> list[str]:
             out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
         return out
 
-    before, after = flat(previous), flat(json.loads(json.dumps(resolved)))  # tuples as lists, as in the file
+    before, after = flat(previous), flat(resolved)
     missing = object()
     return [f"{key} {json.dumps(before.get(key))} -> {json.dumps(after.get(key))}"
             for key in sorted(before.keys() | after.keys()) if before.get(key, missing) != after.get(key, missing)]
@@ -260,11 +261,12 @@ class _Loop:
         changed_settings = []
         if distributed.is_main():
             os.makedirs(c.workdir, exist_ok=True)
-            resolved = _resolved_config(c, self.mesh.devices.shape, self.data_settings)
+            config_path = os.path.join(c.workdir, "config.json")
+            text = json.dumps(_resolved_config(c, self.mesh.devices.shape, self.data_settings), indent=2)
             if restored is not None:
-                changed_settings = _changed_settings(os.path.join(c.workdir, "config.json"), resolved)
-            with open(os.path.join(c.workdir, "config.json"), "w") as f:
-                json.dump(resolved, f, indent=2)
+                changed_settings = _changed_settings(config_path, json.loads(text))
+            with open(config_path, "w") as f:
+                f.write(text)
         if self.loop.wandb_id is None:
             self.loop.wandb_id = uuid.uuid4().hex[:16]  # used (and checkpointed) by process 0 only
         self.log = RunLogger(c.workdir, c, total_steps=self.total_steps, start_step=self.step,
@@ -286,12 +288,11 @@ class _Loop:
         if warmup >= self.total_steps:
             source = (f"optimizer.warmup_steps={warmup}" if opt_settings.warmup_steps > 0
                       else f"{warmup} step(s) from optimizer.warmup_ratio={opt_settings.warmup_ratio:g}")
-            self.log.message(
-                f"warning: the warmup ({source}) is not shorter than the run ({self.total_steps} steps): "
-                + (f"the learning rate only rises and ends at {(self.total_steps - 1) / warmup:.3g} x optimizer.lr, "
-                   "with no decay." if self.total_steps > 1 else
-                   "its one update has learning rate 0, so the run changes no weight.")
-            )
+            outcome = ("its one update has learning rate 0, so the run changes no weight." if self.total_steps == 1
+                       else f"the learning rate only rises and ends at {(self.total_steps - 1) / warmup:.3g} x "
+                            "optimizer.lr, with no decay.")
+            self.log.message(f"warning: the warmup ({source}) is not shorter than the run ({self.total_steps} steps): "
+                             f"{outcome}")
         context, positions = self.model_config.context_length, self.model_config.max_position_embeddings
         if c.data.max_seq_len > context:  # RoPE computes any position
             self.log.message(

@@ -209,4 +209,3 @@ def test_when_one_process_dies_the_other_exits_promptly(tiny, tmp_path):
     out = logs[0].read()
     assert returncode == 1 and waited < 30, (returncode, waited, out[-3000:])
     assert "error: process 0 of 2 failed; exiting without waiting for the others" in out
-
