@@ -283,6 +283,28 @@ def has_eval_data(config) -> bool:
     return bool(config.data.eval_files) or config.data.eval_fraction > 0
 
 
+# Keys read only when there is evaluation data (train.load_best_at_end and
+# early_stopping.patience are refused without it, in `validate`).
+EVAL_ONLY_KEYS = ("train.eval_every", "train.eval_batch_size", "checkpoint.metric",
+                  "checkpoint.greater_is_better", "checkpoint.keep_best")
+
+
+def eval_settings_without_effect(config) -> list[str]:
+    """`key=value` for each evaluation setting changed from its default in a run with no
+    evaluation data, where it changes nothing (a run warns rather than refuses: a recipe
+    sets them, and turning evaluation off on the command line should not mean undoing each)."""
+    if has_eval_data(config):
+        return []
+    reference = defaults()
+    changed = []
+    for key in EVAL_ONLY_KEYS:
+        node, last = _section(config, key)
+        default_node, _ = _section(reference, key)
+        if node[last] != default_node[last]:
+            changed.append(f"{key}={node[last]}")
+    return changed
+
+
 def _kind(default) -> tuple[str, Callable[[object], bool]]:
     """What a key whose default is `default` accepts, in words, and the test for it."""
     if isinstance(default, bool):

@@ -22,7 +22,9 @@ from flax import nnx
 
 from jaxtune import distributed, sharding
 from jaxtune.checkpoint import Checkpointer
-from jaxtune.config import MAX_STEPS, expand_user_paths, has_eval_data, metric_greater_is_better, validate
+from jaxtune.config import (
+    MAX_STEPS, eval_settings_without_effect, expand_user_paths, has_eval_data, metric_greater_is_better, validate,
+)
 from jaxtune.errors import UserError
 from jaxtune.evaluate import EvalResult, evaluate
 from jaxtune.flops import flops_per_token, peak_flops_per_device
@@ -174,8 +176,10 @@ class _Loop:
         sharding.check_rows_per_process(self.mesh, procs)  # dp is a multiple of procs from here on
         micro = t.global_batch_size // t.grad_accum_steps
         self.eval_batch = t.eval_batch_size or micro
-        for name, rows in (("train.global_batch_size / train.grad_accum_steps", micro),
-                           ("train.eval_batch_size", self.eval_batch)):
+        batches = [("train.global_batch_size / train.grad_accum_steps", micro)]
+        if has_eval_data(c):  # without eval data the eval batch is never made
+            batches.append(("train.eval_batch_size", self.eval_batch))
+        for name, rows in batches:
             if rows % dp:  # and so of the processes
                 raise UserError(
                     f"{name} = {rows} rows must be a multiple of the data-parallel size "
@@ -285,6 +289,10 @@ class _Loop:
                 f"with: {'; '.join(changed_settings)} (config.json now holds the new ones)."
             )
         self._warn_if_early_stopping_cannot_fire()
+        unused = eval_settings_without_effect(c)
+        if unused:
+            self.log.message(f"warning: there is no evaluation data (data.eval_files is empty and data.eval_fraction=0), "
+                             f"so these settings change nothing: {', '.join(unused)}.")
         if warmup >= self.total_steps:
             source = (f"optimizer.warmup_steps={warmup}" if opt_settings.warmup_steps > 0
                       else f"{warmup} step(s) from optimizer.warmup_ratio={opt_settings.warmup_ratio:g}")

@@ -341,6 +341,21 @@ def test_a_one_step_run_whose_warmup_leaves_it_a_learning_rate_of_0_is_warned_ab
             "its one update has learning rate 0, so the run changes no weight.") in out.out + out.err
 
 
+def test_evaluation_settings_in_a_run_without_evaluation_data_are_warned_about(tiny, monkeypatch, capsys):
+    """With no eval data, train.eval_batch_size and the checkpoint.* keys about the best model
+    were silently unused, and an eval batch that did not divide the mesh (8 devices here)
+    still stopped the run."""
+    _run_recorded(monkeypatch, tiny(train__eval_batch_size=3, checkpoint__metric="eval_accuracy",
+                                    checkpoint__keep_best=2, **NO_EVAL))
+    assert ("warning: there is no evaluation data (data.eval_files is empty and data.eval_fraction=0), so these "
+            "settings change nothing: train.eval_every=4, train.eval_batch_size=3, checkpoint.metric=eval_accuracy, "
+            "checkpoint.keep_best=2.") in "".join(capsys.readouterr())
+    _run_recorded(monkeypatch, tiny(workdir=str(tiny()["workdir"]) + "_2", train__eval_every=100, **NO_EVAL))
+    assert "there is no evaluation data" not in "".join(capsys.readouterr())  # defaults: nothing to say
+    with pytest.raises(UserError, match=r"train.eval_batch_size = 3 rows must be a multiple of the data-parallel"):
+        _run_recorded(monkeypatch, tiny(workdir=str(tiny()["workdir"]) + "_3", train__eval_batch_size=3))
+
+
 # ---- data.* ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("key, value", [
     ("format", "alpaca"), ("packing", False), ("truncation", "drop"), ("train_on_prompt", True),
