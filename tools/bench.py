@@ -284,24 +284,36 @@ def bench_precision(a, precision: str) -> None:
         print(f"[{precision}] jaxtune compile on {jax_side.ready['device']}: {jax_side.ready['compile_s']:.1f} s", flush=True)
         torch_side = None if a.jax_only else Worker("torch", precision)
         tokens = a.batch * a.seq * a.steps
-        best_jax, best_torch = float("inf"), float("inf")
+        jax_rounds, torch_rounds = [], []
         for _ in range(a.rounds):
-            best_jax = min(best_jax, jax_side.ask(f"run {a.steps}")["seconds"])
+            jax_rounds.append(jax_side.ask(f"run {a.steps}")["seconds"])
             if torch_side:
-                best_torch = min(best_torch, torch_side.ask(f"run {a.steps}")["seconds"])
+                torch_rounds.append(torch_side.ask(f"run {a.steps}")["seconds"])
         peak = jax_side.ask("peak")["flops"]
     finally:
         for side in (jax_side, torch_side):
             if side:
                 side.close()
-    jax_tps = tokens / best_jax
+    jax_tps = tokens / min(jax_rounds)
     mfu = jax_tps * flops_per_token(llama_config(a), a.seq) / peak
     line = f"[{precision}] jaxtune {jax_tps:,.0f} tokens/s (MFU {mfu:.1%} of a {peak / 1e9:.0f} GFLOP/s matmul)"
     if torch_side:
-        torch_tps = tokens / best_torch
+        torch_tps = tokens / min(torch_rounds)
         torch_mfu = torch_tps * flops_per_token(llama_config(a), a.seq) / peak
         line += f" | torch {torch_tps:,.0f} tokens/s (MFU {torch_mfu:.1%}) | ratio jaxtune/torch {jax_tps / torch_tps:.2f}x"
+        if a.rounds > 1:
+            line += f" (per-round ratios: {paired_ratios(jax_rounds, torch_rounds)})"
     print(line, flush=True)
+
+
+def paired_ratios(jax_rounds: list[float], torch_rounds: list[float]) -> str:
+    """Each round's jaxtune/torch speed ratio, from the two sides' back-to-back rounds, as
+    "median M, range LO-HI": how far the best-of ratio can be trusted on a noisy machine,
+    where a slow spell lasting minutes slows whichever side it falls on."""
+    import statistics
+
+    ratios = [t / j for j, t in zip(jax_rounds, torch_rounds)]
+    return f"median {statistics.median(ratios):.2f}x, range {min(ratios):.2f}-{max(ratios):.2f}x"
 
 
 def bench_compile(a) -> None:
@@ -310,8 +322,6 @@ def bench_compile(a) -> None:
         times[layers] = JaxRunner(a, "float32", layers=layers).compile_seconds()
         print(f"compile, {layers} layers: {times[layers]:.2f} s", flush=True)
     print(f"ratio 16/2 layers: {times[16] / times[2]:.2f}x")
-
-
 
 
 def main():
