@@ -289,20 +289,36 @@ EVAL_ONLY_KEYS = ("train.eval_every", "train.eval_batch_size", "checkpoint.metri
                   "checkpoint.greater_is_better", "checkpoint.keep_best")
 
 
-def eval_settings_without_effect(config) -> list[str]:
-    """`key=value` for each evaluation setting changed from its default in a run with no
-    evaluation data, where it changes nothing (a run warns rather than refuses: a recipe
-    sets them, and turning evaluation off on the command line should not mean undoing each)."""
-    if has_eval_data(config):
-        return []
+def settings_without_effect(config) -> list[str]:
+    """One sentence per reason that makes settings changed from their defaults unread, e.g.
+    "there is no evaluation data (...), so these settings change nothing: k=v, ...".
+
+    A run warns rather than refuses: a recipe sets these, and turning a feature off on the
+    command line (`data.eval_fraction=0`, `train.max_steps=5` for a smoke test) should not
+    mean undoing each of them."""
+    t, o = config.train, config.optimizer
+    reasons = (
+        (not has_eval_data(config),
+         "there is no evaluation data (data.eval_files is empty and data.eval_fraction=0)", EVAL_ONLY_KEYS),
+        (t.max_steps > 0, f"train.max_steps={t.max_steps} sets the run's length", ("train.num_epochs",)),
+        (o.warmup_steps > 0, f"optimizer.warmup_steps={o.warmup_steps} sets the warmup", ("optimizer.warmup_ratio",)),
+        (not config.logging.wandb, "logging.wandb=False", ("logging.wandb_project",)),
+    )
     reference = defaults()
-    changed = []
-    for key in EVAL_ONLY_KEYS:
-        node, last = _section(config, key)
-        default_node, _ = _section(reference, key)
-        if node[last] != default_node[last]:
-            changed.append(f"{key}={node[last]}")
-    return changed
+    sentences = []
+    for applies, reason, keys in reasons:
+        if not applies:
+            continue
+        changed = []
+        for key in keys:
+            node, last = _section(config, key)
+            default_node, _ = _section(reference, key)
+            if node[last] != default_node[last]:
+                changed.append(f"{key}={node[last]}")
+        if changed:
+            sentences.append(f"{reason}, so {'this setting changes' if len(changed) == 1 else 'these settings change'} "
+                             f"nothing: {', '.join(changed)}.")
+    return sentences
 
 
 def _kind(default) -> tuple[str, Callable[[object], bool]]:
@@ -348,6 +364,7 @@ def _check_types(config: ml_collections.ConfigDict, reference: ml_collections.Co
 
 PATH_KEYS = ("workdir", "model.hf_path", "data.tokenizer_path", "data.cache_dir")
 MAX_STEPS = 2**31  # the step counters and the schedule's count are int32
+MAX_ANOMALY_WINDOW = 10_000
 
 
 def _section(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
@@ -483,6 +500,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"anomaly.spike_factor must be 0 (off) or greater than 1, got {a.spike_factor}.")
     if a.window < 1 or a.max_consecutive < 1:
         raise UserError("anomaly.window and anomaly.max_consecutive must be at least 1.")
+    if a.window > MAX_ANOMALY_WINDOW:  # a sorted copy of the window every step, on every device
+        raise UserError(f"anomaly.window must be at most {MAX_ANOMALY_WINDOW:,} steps (the guard compares a loss with "
+                        f"the median of recent ones), got {a.window:,}.")
     _choice(a.on_persistent, ("rollback", "stop"), "anomaly.on_persistent")
     if config.logging.peak_flops < 0:
         raise UserError("logging.peak_flops must be >= 0.")

@@ -23,7 +23,7 @@ from flax import nnx
 from jaxtune import distributed, sharding
 from jaxtune.checkpoint import Checkpointer
 from jaxtune.config import (
-    MAX_STEPS, eval_settings_without_effect, expand_user_paths, has_eval_data, metric_greater_is_better, validate,
+    MAX_STEPS, expand_user_paths, has_eval_data, metric_greater_is_better, settings_without_effect, validate,
 )
 from jaxtune.errors import UserError
 from jaxtune.evaluate import EvalResult, evaluate
@@ -289,10 +289,13 @@ class _Loop:
                 f"with: {'; '.join(changed_settings)} (config.json now holds the new ones)."
             )
         self._warn_if_early_stopping_cannot_fire()
-        unused = eval_settings_without_effect(c)
-        if unused:
-            self.log.message(f"warning: there is no evaluation data (data.eval_files is empty and data.eval_fraction=0), "
-                             f"so these settings change nothing: {', '.join(unused)}.")
+        for sentence in settings_without_effect(c):
+            self.log.message(f"warning: {sentence}")
+        if c.anomaly.spike_factor > 0 and c.anomaly.window >= self.total_steps:
+            self.log.message(
+                f"warning: anomaly.spike_factor={c.anomaly.spike_factor:g} cannot skip a step of this run: the guard "
+                f"waits for anomaly.window={c.anomaly.window} applied losses, and the run has {self.total_steps} steps."
+            )
         if warmup >= self.total_steps:
             source = (f"optimizer.warmup_steps={warmup}" if opt_settings.warmup_steps > 0
                       else f"{warmup} step(s) from optimizer.warmup_ratio={opt_settings.warmup_ratio:g}")

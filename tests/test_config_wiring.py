@@ -356,6 +356,17 @@ def test_evaluation_settings_in_a_run_without_evaluation_data_are_warned_about(t
         _run_recorded(monkeypatch, tiny(workdir=str(tiny()["workdir"]) + "_3", train__eval_batch_size=3))
 
 
+@pytest.mark.parametrize("window, warned", [(12, True), (11, False)])
+def test_a_spike_guard_whose_window_outlasts_the_run_is_warned_about(tiny, monkeypatch, capsys, window, warned):
+    """The guard skips nothing until its window holds anomaly.window losses: in a run of 12
+    steps a window of 12 never fills, and nothing said so."""
+    _run_recorded(monkeypatch, tiny(anomaly__spike_factor=3.0, anomaly__window=window))
+    said = "".join(capsys.readouterr())
+    assert ("cannot skip a step" in said) is warned
+    assert not warned or ("warning: anomaly.spike_factor=3 cannot skip a step of this run: the guard waits for "
+                          f"anomaly.window={window} applied losses, and the run has 12 steps.") in said
+
+
 # ---- data.* ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("key, value", [
     ("format", "alpaca"), ("packing", False), ("truncation", "drop"), ("train_on_prompt", True),

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from jaxtune.config import apply_override, defaults, load_recipe, validate
+from jaxtune.config import apply_override, defaults, load_recipe, settings_without_effect, validate
 from jaxtune.errors import UserError
 from jaxtune.train import run
 from helpers import edit_config
@@ -69,6 +69,8 @@ def test_config_errors_are_one_line_before_any_work(args, message, tmp_path):
                                                     "early_stopping.patience > 0"),
         # a traceback after tokenizing (a 32 GiB array); positions are int32
         (["--config.data.max_seq_len=8589934592"], "data.max_seq_len must be below 2**31 (positions are int32)"),
+        # a [10**9] float32 buffer on every device, sorted every step
+        (["--config.anomaly.window=1000000000"], "anomaly.window must be at most 10,000 steps"),
     ],
 )
 def test_more_command_line_mistakes_are_one_clear_error(args, message):
@@ -179,6 +181,27 @@ def test_a_home_relative_workdir_and_model_path_are_expanded(tiny, run_assets, t
                                   train__eval_every=0)))
     assert result.workdir == str(tmp_path / "runs" / "x")
     assert json.load(open(tmp_path / "runs" / "x" / "config.json"))["model"]["hf_path"] == str(model)
+
+
+@pytest.mark.parametrize("overrides, sentences", [
+    ({}, []),  # the defaults: nothing to say
+    ({"data.eval_fraction": 0.0, "train.eval_every": 100, "checkpoint.greater_is_better": True},
+     ["there is no evaluation data (data.eval_files is empty and data.eval_fraction=0), so this setting changes "
+      "nothing: checkpoint.greater_is_better=True."]),
+    ({"data.eval_fraction": 0.1, "checkpoint.greater_is_better": True}, []),
+    ({"data.eval_fraction": 0.0, "data.eval_files": ("e.jsonl",), "train.eval_batch_size": 4}, []),
+    ({"train.max_steps": 5, "train.num_epochs": 3.0}, ["train.max_steps=5 sets the run's length, so this setting "
+                                                       "changes nothing: train.num_epochs=3.0."]),
+    ({"train.num_epochs": 3.0}, []),
+    ({"optimizer.warmup_steps": 10, "optimizer.warmup_ratio": 0.03},
+     ["optimizer.warmup_steps=10 sets the warmup, so this setting changes nothing: optimizer.warmup_ratio=0.03."]),
+    ({"logging.wandb_project": "mine"}, ["logging.wandb=False, so this setting changes nothing: "
+                                         "logging.wandb_project=mine."]),
+    ({"logging.wandb_project": "mine", "logging.wandb": True}, []),
+])
+def test_settings_that_another_setting_makes_unread_are_named(overrides, sentences):
+    """A key that exists changes behaviour, or the run says it does not."""
+    assert settings_without_effect(make_config({"data.train_files": ("t.jsonl",), **overrides})) == sentences
 
 
 def test_help_is_usage_on_stdout_and_exit_0():
