@@ -218,7 +218,11 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> No
         raise UserError(f"--config.{key} is a section; set one of its keys instead.")
     # A placeholder (None until set) declares its type on its reference.
     declared = node.get_ref(parts[-1]).get_type() if current is None else type(current)
-    value = _parse_value(key, text, declared)
+    default_node, _ = _section(defaults(), key)
+    if default_node[parts[-1]] is None and text.strip().lower() in ("none", "null"):
+        value = None  # back to "unset", as a recipe may have set it
+    else:
+        value = _parse_value(key, text, declared)
     try:
         node[parts[-1]] = value
     except TypeError:

@@ -160,6 +160,18 @@ def test_a_placeholder_bool_takes_the_spellings_of_a_bool(text, value):
     assert config.checkpoint.greater_is_better is value
 
 
+@pytest.mark.parametrize("text", ["None", "null"])
+def test_a_placeholder_set_by_a_recipe_can_be_unset_from_the_command_line(text, tmp_path):
+    """A recipe's greater_is_better=True could not be turned back into "inferred from the
+    metric's name": None was refused as not a bool."""
+    config = load_recipe(_recipe(tmp_path, "c.checkpoint.greater_is_better = True"))
+    apply_override(config, "checkpoint.greater_is_better", text)
+    assert config.checkpoint.greater_is_better is None
+    apply_override(config, "train.max_steps", "None")  # only keys that are unset by default may be
+    with pytest.raises(UserError, match="train.max_steps must be an integer, got None"):
+        validate(config)
+
+
 def test_a_workdir_that_is_a_file_is_refused(tiny, tmp_path):
     path = tmp_path / "a_file"
     path.write_text("")
