@@ -367,6 +367,7 @@ def _check_types(config: ml_collections.ConfigDict, reference: ml_collections.Co
 
 
 PATH_KEYS = ("workdir", "model.hf_path", "data.tokenizer_path", "data.cache_dir")
+PATH_LIST_KEYS = ("data.train_files", "data.eval_files")
 MAX_STEPS = 2**31  # the step counters and the schedule's count are int32
 MAX_ANOMALY_WINDOW = 10_000
 
@@ -380,18 +381,22 @@ def _section(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collection
 
 
 def expand_user_paths(config: ml_collections.ConfigDict) -> None:
-    """`~` in the directory keys, as the data file lists already allow (readers expand it)."""
+    """`~` in the path keys and the data file lists, so that config.json records the paths
+    that were read and written."""
     _check_types(config, defaults())  # a recipe that dropped a section: one line, not a KeyError here
     for key in PATH_KEYS:
         node, last = _section(config, key)
-        if isinstance(node[last], str) and node[last].startswith("~"):
+        if node[last].startswith("~"):
             node[last] = os.path.expanduser(node[last])
+    for key in PATH_LIST_KEYS:
+        node, last = _section(config, key)
+        node[last] = tuple(os.path.expanduser(p) for p in node[last])
 
 
 def _refuse_urls(config: ml_collections.ConfigDict) -> None:
     """Paths are opened with the local file system: `gs://b/run` would become a local
     directory named `gs:` on every host. Buckets work mounted (gcsfuse, s3fs)."""
-    for key in (*PATH_KEYS, "data.train_files", "data.eval_files"):
+    for key in (*PATH_KEYS, *PATH_LIST_KEYS):
         node, last = _section(config, key)
         values = node[last] if isinstance(node[last], (tuple, list)) else (node[last],)
         for value in values:

@@ -185,14 +185,19 @@ def test_a_workdir_that_cannot_be_created_fails_before_the_data_is_read(tiny, ca
     assert "data:" not in capsys.readouterr().out
 
 
-def test_a_home_relative_workdir_and_model_path_are_expanded(tiny, run_assets, tmp_path, monkeypatch):
+def test_a_home_relative_workdir_model_path_and_data_files_are_expanded(tiny, run_assets, tmp_path, monkeypatch):
+    """config.json records the paths read: it held `~/data/train.jsonl` as written."""
     monkeypatch.setenv("HOME", str(tmp_path))
     model = tmp_path / "models" / "tiny"
     shutil.copytree(run_assets.model, model)
+    os.makedirs(tmp_path / "data")
+    shutil.copy(run_assets.train, tmp_path / "data" / "train.jsonl")
     result = run(make_config(tiny(workdir="~/runs/x", model__hf_path="~/models/tiny", train__max_steps=1,
-                                  train__eval_every=0)))
+                                  train__eval_every=0, data__train_files=("~/data/train.jsonl",))))
     assert result.workdir == str(tmp_path / "runs" / "x")
-    assert json.load(open(tmp_path / "runs" / "x" / "config.json"))["model"]["hf_path"] == str(model)
+    recorded = json.load(open(tmp_path / "runs" / "x" / "config.json"))
+    assert recorded["model"]["hf_path"] == str(model)
+    assert recorded["data"]["train_files"] == [str(tmp_path / "data" / "train.jsonl")]
 
 
 @pytest.mark.parametrize("overrides, sentences", [
