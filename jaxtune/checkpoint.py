@@ -33,26 +33,33 @@ from jaxtune.state import LoopState, TrainState
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
 TRASH = ".deleted"  # Orbax renames a step here to delete it (todelete_subdir)
-AT_STOP = "at_stop"  # the item that marks a checkpoint saved because the run was stopped
+# The item that marks a checkpoint saved off the save schedule: because the run was stopped,
+# or during a streak of skipped steps (its name on disk predates the second reason).
+OFF_SCHEDULE = "at_stop"
 
 
 @dataclasses.dataclass
 class _KeepScheduled:
     """An Orbax preservation policy: `checkpoint.keep` counts the checkpoints of the save
-    schedule; one saved because the run was stopped (a preemption) stays only while it is
-    the newest. Kept longer, it would push a scheduled one out, and which checkpoint a later
-    anomaly rollback returns to would differ from the uninterrupted run's."""
+    schedule that an anomaly rollback may return to. One saved off it stays only while it is
+    the newest:
+    - saved because the run was stopped (a preemption): kept longer, it would push a
+      scheduled one out, and which checkpoint a later rollback returns to would differ from
+      the uninterrupted run's;
+    - saved during a streak of skipped steps: it holds the failing state, never a rollback's
+      target, and counted it pushed out the checkpoint a rollback needs (with keep=1, the
+      only one, so the run stopped instead of rolling back)."""
 
     directory: str
     keep: int
-    pending_at_stop: set[int] = dataclasses.field(default_factory=set)  # being written: not on disk yet
+    pending_off_schedule: set[int] = dataclasses.field(default_factory=set)  # being written: not on disk yet
 
-    def at_stop(self, step: int) -> bool:
-        return step in self.pending_at_stop or os.path.isdir(os.path.join(self.directory, str(step), AT_STOP))
+    def off_schedule(self, step: int) -> bool:
+        return step in self.pending_off_schedule or os.path.isdir(os.path.join(self.directory, str(step), OFF_SCHEDULE))
 
     def should_preserve(self, checkpoints, *, context) -> list[bool]:
         steps = [c.step for c in checkpoints]
-        scheduled = sorted(s for s in steps if not self.at_stop(s))
+        scheduled = sorted(s for s in steps if not self.off_schedule(s))
         kept = set(scheduled[-self.keep:]) | {max(steps, default=-1)}
         return [s in kept for s in steps]
 
@@ -141,7 +148,7 @@ class Checkpointer:
         self.manager = _manager(
             self.directory,
             {"state": ocp.StandardCheckpointHandler(), "loop": ocp.JsonCheckpointHandler(),
-             AT_STOP: ocp.JsonCheckpointHandler()},
+             OFF_SCHEDULE: ocp.JsonCheckpointHandler()},
             preservation_policy=self.retention,
         )
         self.best_manager = _manager(
@@ -151,15 +158,16 @@ class Checkpointer:
         )
 
     # ---- full training state ------------------------------------------------------------
-    def save(self, step: int, state: TrainState, loop: LoopState, *, at_stop: bool = False) -> None:
-        """`at_stop`: saved because the run was stopped, off the save schedule (see `_KeepScheduled`)."""
+    def save(self, step: int, state: TrainState, loop: LoopState, *, off_schedule: bool = False) -> None:
+        """`off_schedule`: saved because the run was stopped, or during skipped steps; not
+        counted by `checkpoint.keep` and never a rollback's target (see `_KeepScheduled`)."""
         if step in self.manager.all_steps():
             return
         self._finish_deletions(self.manager, self.directory)
         items = {"state": ocp.args.StandardSave(state), "loop": ocp.args.JsonSave(loop.to_json())}
-        if at_stop:
-            self.retention.pending_at_stop.add(step)
-            items[AT_STOP] = ocp.args.JsonSave({"step": step})
+        if off_schedule:
+            self.retention.pending_off_schedule.add(step)
+            items[OFF_SCHEDULE] = ocp.args.JsonSave({"step": step})
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def steps(self) -> list[int]:
@@ -173,8 +181,9 @@ class Checkpointer:
         self._removals = [t for t in self._removals if t.is_alive()]
 
     def scheduled_steps(self) -> list[int]:
-        """The checkpoints an uninterrupted run has too: not one saved because the run was stopped."""
-        return [s for s in self.steps() if not self.retention.at_stop(s)]
+        """The checkpoints a rollback may return to, which an uninterrupted run has too: not
+        one saved because the run was stopped or during skipped steps."""
+        return [s for s in self.steps() if not self.retention.off_schedule(s)]
 
     def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, LoopState]:
         restored = self.manager.restore(
@@ -281,7 +290,7 @@ class Checkpointer:
         self.manager.wait_until_finished()
         for later in [s for s in self.manager.all_steps() if s > step]:
             self.manager.delete(later)
-            self.retention.pending_at_stop.discard(later)
+            self.retention.pending_off_schedule.discard(later)
         _empty_trash(self.directory, self._removals)
 
     def discard_best_after(self, step: int) -> None:

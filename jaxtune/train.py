@@ -168,6 +168,7 @@ class _Loop:
         self.config = c = config
         self.should_stop = should_stop
         self.stop_request: StopRequest | None = None
+        self._skipped_in_a_row = 0  # skipped steps in a row up to the last step booked: a save then is off schedule
         t = c.train
         # Cheap checks first: the model's config, the mesh, the batch against the mesh.
         self.model_config = LlamaConfig.from_pretrained(c.model.hf_path)
@@ -422,11 +423,11 @@ class _Loop:
                 self.ckpt.save(s, self.state, self.loop)
                 return "early_stopping"
         if s % t.save_every == 0:
-            self.ckpt.save(s, self.state, self.loop)
+            self.ckpt.save(s, self.state, self.loop, off_schedule=self._skipped_in_a_row > 0)
         if not stop:  # a signal during the evaluation or the save stops here, not a step later
             stop, _ = self._stop_requested_and_tokens(0)
         if stop:  # the last step's checkpoint is the uninterrupted run's too
-            self.ckpt.save(s, self.state, self.loop, at_stop=s != self.total_steps)
+            self.ckpt.save(s, self.state, self.loop, off_schedule=s != self.total_steps)
             self.ckpt.wait()
             self.log.message(f"stopped at step {s}; checkpoint saved. Run the same command to continue.")
             return "preempted"
@@ -440,6 +441,7 @@ class _Loop:
         non-padding tokens of the global batch.
         """
         m = fetch_metrics(metrics)
+        self._skipped_in_a_row = m.consecutive_skipped
         self._interval.add(m, tokens)
         self.log.advance()
         if not m.applied:

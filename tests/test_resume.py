@@ -531,6 +531,18 @@ def test_a_rollback_skips_checkpoints_saved_during_the_bad_steps(reference, tmp_
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["10", "12"]
 
 
+def test_with_keep_1_a_save_during_the_bad_steps_leaves_the_checkpoint_a_rollback_needs(reference, tmp_path,
+                                                                                       monkeypatch):
+    """Checkpoint 8, saved between the bad steps 7-9, pushed out checkpoint 4, the only one from
+    before them: the run stopped with exit code 3, saying there was none to roll back to "yet"."""
+    overrides, _ = reference
+    _poison(monkeypatch, {7, 8, 9})
+    result = run(make_config(overrides(tmp_path / "run", checkpoint__keep=1, anomaly__max_consecutive=3)))
+    assert [(r["step"], r["to_step"]) for r in result.history if r.get("event") == "rollback"] == [(9, 4)]
+    assert result.stop_reason == "completed" and result.step == 12
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["12"]
+
+
 def test_a_second_rollback_to_the_same_checkpoint_stops_the_run(reference, tmp_path, monkeypatch):
     """Every batch from the 5th on is bad: rolling back to step 4 again and again never ended."""
     overrides, _ = reference
