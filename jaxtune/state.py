@@ -120,6 +120,7 @@ class LoopState:
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # metrics.jsonl records
     rollbacks: int = 0
     rolled_back_to: int | None = None  # the checkpoint step of the last anomaly rollback
+    rolled_back_from: int | None = None  # the last skipped step before it (None in older checkpoints)
     stopped_early: bool = False
     interval: IntervalState = dataclasses.field(default_factory=IntervalState)
     wandb_id: str | None = None  # the W&B run this training run logs to, across restarts

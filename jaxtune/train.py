@@ -456,22 +456,28 @@ class _Loop:
     def _persistent_anomaly(self, step: int, count: int, position) -> None:
         """Restores the newest checkpoint from before the bad steps; data continues with the
         batch after them. A checkpoint saved during the streak holds the state that was already
-        failing, and a second rollback to the same checkpoint means the run does not get past
-        it (a state that keeps failing would otherwise roll back forever)."""
+        failing. A second rollback to the same checkpoint stops the run when this streak began
+        no later than the last one ended: the run has not got past it (a state that keeps
+        failing would otherwise roll back forever). A streak that began after it, on other bad
+        data, rolls back again (each such streak ends later, so this ends)."""
         a = self.config.anomaly
         what = f"{count} consecutive steps were skipped as anomalous (last at step {step})"
         self.ckpt.wait()
         # Not a checkpoint a stop saved: the uninterrupted run has none there, and the rollback
         # would go elsewhere than in it (a resumed run must be the same run).
         before = [s for s in self.ckpt.scheduled_steps() if s <= step - count]
-        if a.on_persistent == "stop" or not before or before[-1] == self.loop.rolled_back_to:
+        last_end = self.loop.rolled_back_from
+        stuck = bool(before) and before[-1] == self.loop.rolled_back_to and (last_end is None or step - count < last_end)
+        if a.on_persistent == "stop" or not before or stuck:
             self.log.close(plot=False)
             if not before:
                 raise AnomalyStop(f"{what}; stopping: there is no checkpoint from before them to roll back to yet.")
             if a.on_persistent == "stop":
                 raise AnomalyStop(f"{what}; stopping (the last good checkpoint is in {self.ckpt.directory}).")
             raise AnomalyStop(f"{what}; stopping: the last rollback went to step {before[-1]} as well, and the run "
-                              f"has not got past it since (that checkpoint is in {self.ckpt.directory}).")
+                              f"has not got past the step where the bad steps before it ended "
+                              f"({last_end if last_end is not None else 'unknown'}) since "
+                              f"(that checkpoint is in {self.ckpt.directory}).")
         self.ckpt.discard_after(before[-1])  # written during the streak: the new timeline saves its own
         self.loader.position = position  # a batch already fetched after the bad ones is used again
         restored_step, state, restored_loop = self.ckpt.restore_latest(self.abstract_state)
@@ -479,6 +485,7 @@ class _Loop:
         restored_loop.epoch, restored_loop.batch_index = position.epoch, position.batch_index
         restored_loop.rollbacks = self.loop.rollbacks + 1
         restored_loop.rolled_back_to = restored_step
+        restored_loop.rolled_back_from = step
         restored_loop.history = self.log.history  # the log keeps what happened before the rollback
         self.loop, self.step = restored_loop, restored_step
         self._interval = _Interval(self.loop.interval)

@@ -547,10 +547,24 @@ def test_a_second_rollback_to_the_same_checkpoint_stops_the_run(reference, tmp_p
     """Every batch from the 5th on is bad: rolling back to step 4 again and again never ended."""
     overrides, _ = reference
     _poison(monkeypatch, set(range(5, 100)))
-    with pytest.raises(AnomalyStop, match=r"last at step 7\); stopping: the last rollback went to step 4 as well"):
+    with pytest.raises(AnomalyStop, match=r"last at step 7\); stopping: the last rollback went to step 4 as well, "
+                                          r"and the run has not got past the step where the bad steps before it "
+                                          r"ended \(7\) since"):
         run(make_config(overrides(tmp_path / "run", train__save_every=2, anomaly__max_consecutive=3)))
     history = read_metrics(tmp_path / "run")
     assert [(r["step"], r["to_step"]) for r in history if r.get("event") == "rollback"] == [(7, 4)]
+
+
+def test_a_second_streak_after_the_run_got_past_the_first_rolls_back_again(reference, tmp_path, monkeypatch):
+    """Bad steps 10-12 roll back to checkpoint 8; steps 9-13 then train, and other bad batches
+    make steps 14-16 fail. That is not the state failing again, yet the run stopped with exit
+    code 3 ("has not got past it since"): any second rollback to the same checkpoint did."""
+    overrides, _ = reference
+    _poison(monkeypatch, {10, 11, 12, 18, 19, 20})  # train-step calls
+    result = run(make_config(overrides(tmp_path / "run", train__max_steps=24, train__save_every=8,
+                                       train__eval_every=0, anomaly__max_consecutive=3)))
+    assert [(r["step"], r["to_step"]) for r in result.history if r.get("event") == "rollback"] == [(12, 8), (16, 8)]
+    assert result.stop_reason == "completed" and result.step == 24 and result.loop.rollbacks == 2
 
 
 def test_a_checkpoint_saved_at_a_stop_changes_neither_rollbacks_nor_what_is_kept(reference, tmp_path, monkeypatch):
