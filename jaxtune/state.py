@@ -68,6 +68,7 @@ class BestModelState:
     value: float | None = None
     step: int | None = None
     metric: str | None = None  # checkpoint.metric the value is of; None in older checkpoints
+    greater_is_better: bool | None = None  # the direction it was chosen by; None in older checkpoints
 
     def improves(self, value: float, greater_is_better: bool) -> bool:
         if self.value is None:

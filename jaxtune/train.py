@@ -245,14 +245,20 @@ class _Loop:
                     f"of training batches ({'; '.join(changes)}), so its data position would skip or repeat data; "
                     "resume with the settings it was written with, or use a new workdir."
                 )
-        saved_metric = self.loop.best.metric
+        saved_metric, saved_direction = self.loop.best.metric, self.loop.best.greater_is_better
         if restored is not None and saved_metric is not None and saved_metric != c.checkpoint.metric:
             raise UserError(
                 f"checkpoint {os.path.join(self.ckpt.directory, str(self.step))} chose its best model by {saved_metric}, "
                 f"now checkpoint.metric={c.checkpoint.metric}; resume with checkpoint.metric={saved_metric}, or use a "
                 "new workdir."
             )
-        self.loop.best.metric = c.checkpoint.metric
+        if restored is not None and saved_direction is not None and saved_direction != self.gib:
+            raise UserError(
+                f"checkpoint {os.path.join(self.ckpt.directory, str(self.step))} chose its best model with "
+                f"checkpoint.greater_is_better={saved_direction}, now {self.gib}; resume with "
+                f"checkpoint.greater_is_better={saved_direction}, or use a new workdir."
+            )
+        self.loop.best.metric, self.loop.best.greater_is_better = c.checkpoint.metric, self.gib
         self.loop.data_order = data_order
         self.loader.position = LoaderPosition(self.loop.epoch, self.loop.batch_index)
         step_settings = StepSettings(

@@ -847,6 +847,13 @@ def test_resuming_with_another_best_model_metric_is_refused(reference, tmp_path)
             "checkpoints/4 chose its best model by eval_loss, now checkpoint.metric=eval_accuracy; resume with "
             "checkpoint.metric=eval_loss, or use a new workdir.")):
         run(make_config(overrides(tmp_path / "run", checkpoint__metric="eval_accuracy")))
+    # The other direction for the same metric: the saved best loss, compared as if higher were
+    # better, was replaced by a worse evaluation (and best/ with it), with only a warning.
+    with pytest.raises(UserError, match=re.escape(
+            "checkpoints/4 chose its best model with checkpoint.greater_is_better=False, now True; resume with "
+            "checkpoint.greater_is_better=False, or use a new workdir.")):
+        run(make_config(overrides(tmp_path / "run", checkpoint__greater_is_better=True)))
+    assert run(make_config(overrides(tmp_path / "run", checkpoint__greater_is_better=False))).step == 12
 
 
 def test_the_same_command_after_early_stopping_trains_no_more(reference, tmp_path):
