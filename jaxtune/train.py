@@ -358,9 +358,14 @@ class _Loop:
 
     # ---- the loop ------------------------------------------------------------------------
     def train(self) -> RunResult:
-        if self.loop.stopped_early:  # the same command again after early stopping: nothing to train
-            self.log.message(f"this run stopped early at step {self.step}; nothing more to train")
+        es, patience = self.loop.early_stopping, self.config.early_stopping.patience
+        if self.loop.stopped_early and es.should_stop(patience):  # the same command again: nothing to train
+            self.log.message(
+                f"this run stopped early at step {self.step} ({es.bad_evals} evaluations without improvement, "
+                f"early_stopping.patience={patience}); nothing more to train (a larger patience, or 0, trains on)"
+            )
             return self._finish("early_stopping")
+        self.loop.stopped_early = False  # a larger patience (or none) continues the run
         reason = "completed"
         self._interval = _Interval(self.loop.interval)
         pending = None

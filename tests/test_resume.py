@@ -867,6 +867,19 @@ def test_the_same_command_after_early_stopping_trains_no_more(reference, tmp_pat
     assert read_metrics(tmp_path / "es") == stopped.history
 
 
+@pytest.mark.parametrize("patience", [0, 9])
+def test_a_larger_patience_or_none_continues_an_early_stopped_run(reference, tmp_path, patience):
+    """Every later command said "nothing more to train", also with early stopping turned off or
+    more patience, so an early-stopped run could never be continued."""
+    overrides, _ = reference
+    stopped = run(make_config(_unstable(overrides, tmp_path / "es", early_stopping__patience=2)))
+    assert stopped.stop_reason == "early_stopping" and stopped.step < 16
+    more = run(make_config(_unstable(overrides, tmp_path / "es", early_stopping__patience=patience)))
+    assert more.stop_reason == "completed" and more.step == 16 and not more.loop.stopped_early
+    evals = [r["step"] for r in more.history if "eval_loss" in r]
+    assert evals == list(range(2, 17, 2))  # each step evaluated once, on from the stop
+
+
 def test_log_lines_after_a_restart_average_the_same_steps(reference, tmp_path):
     overrides, _ = reference
     whole = run(make_config(overrides(tmp_path / "whole", train__log_every=4)))
