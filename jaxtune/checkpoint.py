@@ -162,7 +162,14 @@ class Checkpointer:
         """`off_schedule`: saved because the run was stopped, or during skipped steps; not
         counted by `checkpoint.keep` and never a rollback's target (see `_KeepScheduled`)."""
         if step in self.manager.all_steps():
-            return
+            if off_schedule or not self.retention.off_schedule(step):
+                return  # this step is saved already, as it would be now or on the schedule
+            # A stop's checkpoint of this step, now the run's last one (the run was resumed with
+            # train.max_steps at the stop): replaced, so that it holds the final evaluation and
+            # counts as scheduled. The older checkpoints stay until the new one is complete.
+            self.manager.wait_until_finished()
+            self.manager.delete(step)
+            self.retention.pending_off_schedule.discard(step)
         self._finish_deletions(self.manager, self.directory)
         items = {"state": ocp.args.StandardSave(state), "loop": ocp.args.JsonSave(loop.to_json())}
         if off_schedule:

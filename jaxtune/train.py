@@ -230,7 +230,14 @@ class _Loop:
         restored = self.ckpt.restore_latest(self.abstract_state, log=log) if resume else None
         if restored is not None:
             self.step, self.state, self.loop = restored
-            log(f"resuming from step {self.step} ({os.path.join(self.ckpt.directory, str(self.step))})")
+            where = os.path.join(self.ckpt.directory, str(self.step))
+            if self.step > self.total_steps:
+                raise UserError(
+                    f"checkpoint {where} is past the end of this run ({self.total_steps} steps"
+                    + (f", train.max_steps={t.max_steps}" if t.max_steps > 0 else f", train.num_epochs={t.num_epochs:g}")
+                    + "); resume with at least as many steps, or use a new workdir."
+                )
+            log(f"resuming from step {self.step} ({where})")
         else:
             self.step, self.loop = 0, LoopState()
             self.ckpt.discard_best_after(-1)  # left by a run that died before its first checkpoint

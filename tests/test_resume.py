@@ -58,6 +58,24 @@ def test_resume_after_a_clean_stop_is_exact(reference, tmp_path):
     assert _comparable(read_metrics(tmp_path / "run")) == _comparable(ref.history)
 
 
+def test_a_run_shortened_to_its_stop_ends_there_and_one_shortened_below_it_is_refused(reference, tmp_path):
+    """Stopped at step 6 (a stop's checkpoint, off the save schedule), then resumed with
+    train.max_steps=6: the final evaluation was not saved (checkpoint 6 existed), so every
+    rerun evaluated again. Resumed with max_steps=4, it reported "completed" at step 6."""
+    overrides, _ = reference
+    run(make_config(overrides(tmp_path / "run")), should_stop=lambda step: step == 6)
+    with pytest.raises(UserError, match=re.escape("checkpoints/6 is past the end of this run (4 steps, "
+                                                  "train.max_steps=4); resume with at least as many steps")):
+        run(make_config(overrides(tmp_path / "run", train__max_steps=4)))
+    config = make_config(overrides(tmp_path / "run", train__max_steps=6))
+    ended = run(config)
+    assert ended.stop_reason == "completed" and ended.step == 6
+    assert [r["step"] for r in ended.history if "eval_loss" in r] == [4, 6]
+    assert not os.path.exists(tmp_path / "run" / "checkpoints" / "6" / "at_stop")  # now the run's last
+    again = run(config)
+    assert again.history == ended.history and read_metrics(tmp_path / "run") == ended.history
+
+
 def test_resume_never_refuses_a_used_workdir_unless_overwrite(reference, tmp_path):
     overrides, ref = reference
     # The previous run: other batches (seed 1), so what it left cannot pass for a fresh start.
