@@ -207,6 +207,7 @@ class Checkpointer:
         the shapes this config makes is a config change, not corruption: that is an error
         whatever `on_corrupt` says, and the checkpoint is left as it is.
         """
+        set_aside = False
         for step in reversed(self.steps()):
             where = os.path.join(self.directory, str(step))
             change = self._config_change(step, abstract_state)
@@ -226,11 +227,14 @@ class Checkpointer:
                         "delete it or set checkpoint.on_corrupt=fallback to resume from the one before."
                     ) from None
                 self._set_aside(step)
+                set_aside = True
                 log(f"warning: checkpoint {where} is unreadable ({_root_cause(e)}); moved it to "
                     f"{where}.corrupt and trying the previous one")
                 continue
             self._reconcile_best(step, state, loop, log)
             return step, state, loop
+        if set_aside:  # starting over would replace what the run has (its best model, its metrics)
+            raise UserError(no_checkpoint_left(self.directory, corrupt_steps(self.directory)))
         return None
 
     def _reconcile_best(self, step: int, state: TrainState, loop: LoopState, log) -> None:
@@ -348,6 +352,18 @@ class Checkpointer:
         self._removals = []
         self.manager.close()
         self.best_manager.close()
+
+
+def corrupt_steps(directory: str) -> list[str]:
+    """The checkpoints `checkpoint.on_corrupt=fallback` set aside in `directory`."""
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    return sorted((n for n in names if n.endswith(".corrupt")), key=lambda n: (len(n), n))  # 8 before 12
+
+
+def no_checkpoint_left(directory: str, set_aside: list[str]) -> str:
+    return (f"no readable checkpoint is left in {directory} (set aside as unreadable: {', '.join(set_aside)}), and "
+            "starting over would replace this run's best model and metrics; use train.resume=never with "
+            "train.overwrite=True to start over, or another workdir.")
 
 
 def _root_cause(error: BaseException, limit: int = 300) -> str:

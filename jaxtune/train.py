@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtune import distributed, sharding
-from jaxtune.checkpoint import Checkpointer
+from jaxtune.checkpoint import Checkpointer, corrupt_steps, no_checkpoint_left
 from jaxtune.config import (
     MAX_STEPS, expand_user_paths, has_eval_data, metric_greater_is_better, settings_without_effect, validate,
 )
@@ -98,6 +98,8 @@ def _check_workdir(config) -> bool:
     ckpt_dir = os.path.join(workdir, "checkpoints")
     has_ckpt = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
     if config.train.resume == "auto":
+        if not has_ckpt:
+            _refuse_lost_checkpoints(config, ckpt_dir)
         return has_ckpt
     outputs = _previous_outputs(workdir)
     if outputs and not config.train.overwrite:
@@ -106,6 +108,25 @@ def _check_workdir(config) -> bool:
             "choose another workdir or set --config.train.overwrite=True to delete them."
         )
     return False
+
+
+def _refuse_lost_checkpoints(config, ckpt_dir: str) -> None:
+    """A workdir with no checkpoint starts over, which replaces `best/` and `metrics.jsonl`:
+    right after a run that died before its first checkpoint, not when the run had
+    checkpoints that were all found unreadable, or deleted (its best model is from a step at
+    or past the first scheduled save)."""
+    corrupt = corrupt_steps(ckpt_dir)
+    if corrupt:
+        raise UserError(no_checkpoint_left(ckpt_dir, corrupt))
+    best_dir = os.path.join(config.workdir, "best")
+    best = [int(n) for n in os.listdir(best_dir) if n.isdigit()] if os.path.isdir(best_dir) else []
+    if best and max(best) >= config.train.save_every:
+        raise UserError(
+            f"workdir {config.workdir} has no checkpoint to resume from, but best/{max(best)} is from a step at or "
+            f"past the first save (train.save_every={config.train.save_every}): the run's checkpoints were deleted? "
+            "Starting over would replace its best model and metrics; use train.resume=never with "
+            "train.overwrite=True to start over, or another workdir."
+        )
 
 
 def _clear_previous_outputs(workdir: str) -> None:
@@ -195,6 +216,9 @@ class _Loop:
         # Names and shapes of the weights, before the workdir is touched or any data is read.
         check_checkpoint(c.model.hf_path, self.model_config, self.abstract_params, c.model.allow_pickle)
         resume = _check_workdir(c)
+        # what a resume=auto start without a checkpoint replaces (a run that died before its first)
+        left_behind = [] if resume or c.train.resume != "auto" else [
+            n for n in _previous_outputs(c.workdir) if n not in ("checkpoints", "config.json")]
         check_wandb_login(c)
 
         # Data: validated and tokenized before any weight is loaded.
@@ -240,6 +264,9 @@ class _Loop:
             log(f"resuming from step {self.step} ({where})")
         else:
             self.step, self.loop = 0, LoopState()
+            if left_behind:
+                log(f"no checkpoint to resume from in {self.ckpt.directory}: starting from step 0, replacing what a "
+                    f"run that stopped before its first checkpoint left ({', '.join(left_behind)})")
             self.ckpt.discard_best_after(-1)  # left by a run that died before its first checkpoint
             self.state = fresh if fresh is not None else self._fresh_state()
         data_order = DataOrder(t.global_batch_size, t.seed, self.loader.usable_rows * procs, procs,

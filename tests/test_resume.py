@@ -300,6 +300,39 @@ def test_corrupted_checkpoint_is_named_and_can_fall_back(reference, tmp_path):
     assert train_losses(result.history) == train_losses(ref.history)
 
 
+def test_a_run_whose_checkpoints_are_all_unreadable_or_deleted_is_not_started_over(reference, tmp_path):
+    """With every checkpoint unreadable, fallback set them all aside and the run started from
+    step 0 without a word, deleting best/ and rewriting metrics.jsonl; the same when the
+    checkpoints had been deleted (to free disk) and the command was run again."""
+    overrides, _ = reference
+    run(make_config(overrides(tmp_path / "run")), should_stop=lambda step: step == 8)
+    best, metrics = sorted(os.listdir(tmp_path / "run" / "best")), read_metrics(tmp_path / "run")
+    for step in (4, 8):
+        _corrupt(tmp_path / "run" / "checkpoints" / str(step))
+    fallback = make_config(overrides(tmp_path / "run", checkpoint__on_corrupt="fallback"))
+    for _ in range(2):  # and again at the next start, when only the set-aside ones are there
+        with pytest.raises(UserError, match=re.escape("no readable checkpoint is left in") + r" \S+/checkpoints \(set "
+                           r"aside as unreadable: 4.corrupt, 8.corrupt\), and starting over would replace"):
+            run(fallback)
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    with pytest.raises(UserError, match=r"has no checkpoint to resume from, but best/\d is from a step at or past the "
+                                        r"first save \(train.save_every=4\)"):
+        run(make_config(overrides(tmp_path / "run")))
+    assert sorted(os.listdir(tmp_path / "run" / "best")) == best and read_metrics(tmp_path / "run") == metrics
+
+
+def test_a_run_that_died_before_its_first_checkpoint_starts_over_and_says_so(reference, tmp_path, capsys):
+    overrides, _ = reference
+    config = make_config(overrides(tmp_path / "run", train__max_steps=4, train__save_every=100))
+    first = run(config)
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # as if killed before its first save
+    again = run(config)
+    assert again.step == 4 and _comparable(again.history) == _comparable(first.history)
+    assert re.search(r"no checkpoint to resume from in \S+: starting from step 0, replacing what a run that stopped "
+                     r"before its first checkpoint left \(best, metrics.jsonl, tensorboard, curves.png\)",
+                     capsys.readouterr().out)
+
+
 def _saved_checkpoints(tmp_path, steps=(1, 2)):
     ckpt = Checkpointer(str(tmp_path / "w"), keep=3, keep_best=1, metric="eval_loss", greater_is_better=False)
     for step in steps:
