@@ -148,6 +148,31 @@ def test_unreadable_checkpoint_files_are_user_errors(tmp_path, shards, damage, f
         jaxtune.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("shards", [None, "40KB"])
+def test_a_checkpoint_that_holds_no_tensors_is_one_error(tmp_path, shards):
+    """An empty model.safetensors (or an index with an empty weight_map) was taken for pickle
+    weights: AttributeError '_pickled'."""
+    make_hf_llama(tmp_path, max_shard_size=shards)
+    if shards:
+        index = tmp_path / "model.safetensors.index.json"
+        index.write_text(json.dumps({"metadata": {}, "weight_map": {}}))
+        where = index
+    else:
+        where = tmp_path / "model.safetensors"
+        save_file({}, str(where))
+    with pytest.raises(UserError, match=re.escape(f"{where} holds no tensors")):
+        jaxtune.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe", b"[]"])
+def test_an_index_that_is_not_utf8_or_not_an_object_is_one_error(tmp_path, content):
+    make_hf_llama(tmp_path, max_shard_size="40KB")
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_bytes(content)
+    with pytest.raises(UserError, match=re.escape(f"{index}: cannot read the index file")):
+        jaxtune.from_pretrained(tmp_path)
+
+
 def test_a_config_without_eos_writes_none_not_an_empty_list():
     config = LlamaConfig.from_hf_dict({**TINY, "eos_token_id": None})
     assert config.eos_token_id == () and config.to_hf_dict()["eos_token_id"] is None

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -167,6 +168,56 @@ def test_unsupported_configs_are_refused_by_name(tmp_path, change, field):
     edit_config(tmp_path, **change)
     with pytest.raises(UserError, match=field.replace(".", r"\.")):
         jaxtune.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"max_position_embeddings": None}, "max_position_embeddings=None is not an integer"),
+    ({"rms_norm_eps": None}, "rms_norm_eps=None is not a number"),
+    ({"hidden_size": "4k"}, "hidden_size='4k' is not an integer"),
+    ({"num_hidden_layers": 2.5}, "num_hidden_layers=2.5 is not an integer"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": "x"}}, "rope_scaling.factor='x' is not a number"),
+    ({"attention_dropout": "none"}, "attention_dropout='none' is not a number"),
+])
+def test_a_config_field_of_the_wrong_type_is_named(tmp_path, change, message):
+    """A null or a string in a hand-edited config.json was a TypeError or ValueError traceback."""
+    make_hf_llama(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))  # nulls kept (edit_config drops them)
+    with pytest.raises(UserError, match=re.escape(f"{tmp_path / 'config.json'}: {message}.")):
+        jaxtune.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("content, message", [(b"[1, 2]", "expected a JSON object, got a list"),
+                                              (b'{"vocab_size": "\xff"}', "not valid JSON")])
+def test_a_config_json_that_is_not_an_object_or_not_utf8_is_one_error(tmp_path, content, message):
+    make_hf_llama(tmp_path)
+    (tmp_path / "config.json").write_bytes(content.replace(b"\\xff", b"\xff"))
+    with pytest.raises(UserError, match=re.escape(message)):
+        jaxtune.from_pretrained(tmp_path)
+
+
+def test_ids_outside_the_vocabulary_are_refused_in_an_eager_call(tmp_path):
+    """An id past the vocabulary made the whole row NaN, and -1 silently took the last
+    embedding row; torch raises IndexError."""
+    make_hf_llama(tmp_path)
+    model = jaxtune.from_pretrained(tmp_path)
+    for bad in (128, -1):
+        with pytest.raises(UserError, match=re.escape(f"input_ids must be in [0, 128) (the model's vocab_size), "
+                                                      f"got {bad}.")):
+            model(jnp.asarray([[1, 2, bad, 3]]))
+    assert np.isfinite(np.asarray(model(jnp.asarray([[0, 127]])))).all()
+
+
+def test_positions_of_one_row_apply_to_every_row(tmp_path):
+    """transformers takes position_ids of shape [1, T] for a batch; here they failed in a reshape."""
+    make_hf_llama(tmp_path)
+    model = jaxtune.from_pretrained(tmp_path)
+    ids = jnp.asarray(_ids(3, 40))
+    positions = np.arange(5, 45)[None]
+    expected = model(ids, jnp.asarray(np.repeat(positions, 3, axis=0)))
+    np.testing.assert_array_equal(np.asarray(model(ids, jnp.asarray(positions))), np.asarray(expected))
+    np.testing.assert_array_equal(np.asarray(model(ids, segment_ids=jnp.ones((1, 40), jnp.int32))),
+                                  np.asarray(model(ids)))
 
 
 def test_packed_segments_equal_separate_runs(tmp_path):

@@ -127,6 +127,9 @@ class SafetensorsReader:
             self._pickled = _load_pickle_weights(self.path)
         else:
             raise UserError(f"{self.path}: no model.safetensors or {SAFETENSORS_INDEX} found.")
+        if not self.file_of and not getattr(self, "_pickled", None):  # (empty, the readers below took it for pickle)
+            source = single if os.path.isfile(single) else index if os.path.isfile(index) else self.path
+            raise UserError(f"{source} holds no tensors (an interrupted save or conversion?).")
         self._handles: dict[str, Any] = {}
 
     def names(self) -> set[str]:
@@ -174,7 +177,7 @@ def _read_weight_map(index: str) -> dict[str, str]:
     try:
         with open(index) as f:
             weight_map = json.load(f).get("weight_map")
-    except (json.JSONDecodeError, AttributeError) as e:  # AttributeError: the JSON is not an object
+    except (ValueError, AttributeError) as e:  # bad JSON or not UTF-8; AttributeError: the JSON is not an object
         raise UserError(f"{index}: cannot read the index file ({e}).") from None
     if not isinstance(weight_map, dict):
         raise UserError(f"{index}: no 'weight_map' object in the index file.")

@@ -132,34 +132,40 @@ class LlamaConfig:
             refuse("hidden_act", act, "Llama uses 'silu' and no other activation is implemented")
         if d.get("quantization_config"):
             refuse("quantization_config", "...", "quantized checkpoints cannot be fine-tuned in full")
-        if float(d.get("attention_dropout", 0.0) or 0.0) != 0.0:
+        if _convert(source, "attention_dropout", d.get("attention_dropout") or 0.0, float) != 0.0:
             refuse("attention_dropout", d["attention_dropout"], "attention dropout is not implemented")
-        if float(d.get("partial_rotary_factor", 1.0) or 1.0) != 1.0:
+        if _convert(source, "partial_rotary_factor", d.get("partial_rotary_factor") or 1.0, float) != 1.0:
             refuse("partial_rotary_factor", d["partial_rotary_factor"], "Llama rotates the whole head")
 
-        rope_theta, scaling = _read_rope(d, refuse)
+        rope_theta, scaling = _read_rope(d, refuse, source)
         eos = d.get("eos_token_id", 2)
-        eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        if not isinstance(eos, (list, tuple)):
+            eos = () if eos is None else (_convert(source, "eos_token_id", eos, int),)
+        eos = tuple(eos)
+
+        def get(key, kind, default=_REQUIRED):
+            return _convert(source, key, d[key] if default is _REQUIRED else d.get(key, default), kind)
+
         try:
-            heads = int(d["num_attention_heads"])
-            kv_heads = d.get("num_key_value_heads") or heads
-            head_dim = d.get("head_dim") or int(d["hidden_size"]) // heads
+            heads = get("num_attention_heads", int)
+            kv_heads = get("num_key_value_heads", int) if d.get("num_key_value_heads") else heads
+            head_dim = get("head_dim", int) if d.get("head_dim") else get("hidden_size", int) // heads
             return cls(
-                vocab_size=int(d["vocab_size"]),
-                hidden_size=int(d["hidden_size"]),
-                intermediate_size=int(d["intermediate_size"]),
-                num_hidden_layers=int(d["num_hidden_layers"]),
+                vocab_size=get("vocab_size", int),
+                hidden_size=get("hidden_size", int),
+                intermediate_size=get("intermediate_size", int),
+                num_hidden_layers=get("num_hidden_layers", int),
                 num_attention_heads=heads,
-                num_key_value_heads=int(kv_heads),
-                head_dim=int(head_dim),
-                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+                num_key_value_heads=kv_heads,
+                head_dim=head_dim,
+                rms_norm_eps=get("rms_norm_eps", float, 1e-6),
                 rope_theta=rope_theta,
                 rope_scaling=scaling,
-                max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+                max_position_embeddings=get("max_position_embeddings", int, 2048),
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                 attention_bias=bool(d.get("attention_bias", False)),
                 mlp_bias=bool(d.get("mlp_bias", False)),
-                initializer_range=float(d.get("initializer_range", 0.02)),
+                initializer_range=get("initializer_range", float, 0.02),
                 bos_token_id=d.get("bos_token_id", 1),  # transformers' default when absent
                 eos_token_id=eos,
                 pad_token_id=d.get("pad_token_id"),
@@ -174,11 +180,13 @@ class LlamaConfig:
         file = os.path.join(path, "config.json")
         if not os.path.isfile(file):
             raise UserError(f"{path}: no config.json found; expected a Hugging Face model directory.")
-        with open(file) as f:
+        with open(file, "rb") as f:
             try:
                 d = json.load(f)
-            except json.JSONDecodeError as e:
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
                 raise UserError(f"{file}: not valid JSON ({e}).") from None
+        if not isinstance(d, dict):
+            raise UserError(f"{file}: expected a JSON object, got a {type(d).__name__}.")
         return cls.from_hf_dict(d, source=file)
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -218,7 +226,25 @@ class LlamaConfig:
         }
 
 
-def _read_rope(d: dict[str, Any], refuse) -> tuple[float, RopeScaling | None]:
+_REQUIRED = object()
+
+
+def _convert(source: str, key: str, value, kind):
+    """int(value) or float(value), or one sentence naming the field (a null or "4k" in a
+    hand-edited config.json)."""
+    if value is None or isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+        ok = False
+    else:
+        try:
+            value, ok = kind(value), True
+        except (TypeError, ValueError):
+            ok = False
+    if not ok:
+        raise UserError(f"{source}: {key}={value!r} is not {'an integer' if kind is int else 'a number'}.")
+    return value
+
+
+def _read_rope(d: dict[str, Any], refuse, source: str = "config.json") -> tuple[float, RopeScaling | None]:
     """RoPE settings resolved in transformers' order: `rope_scaling` (the 4.x spelling) wins
     over `rope_parameters` (5.x) when both are there, as in
     `RotaryEmbeddingConfigMixin.convert_rope_params_to_dict`; a top-level `rope_theta` fills
@@ -231,18 +257,19 @@ def _read_rope(d: dict[str, Any], refuse) -> tuple[float, RopeScaling | None]:
     for key in params:
         if key not in _ROPE_KEYS:
             refuse(f"{field}.{key}", params[key], "this RoPE parameter is not implemented")
-    if float(params.get("partial_rotary_factor", 1.0) or 1.0) != 1.0:
+    if _convert(source, f"{field}.partial_rotary_factor", params.get("partial_rotary_factor") or 1.0, float) != 1.0:
         refuse(f"{field}.partial_rotary_factor", params["partial_rotary_factor"], "Llama rotates the whole head")
-    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+    theta = _convert(source, "rope_theta", params.get("rope_theta", d.get("rope_theta", 10000.0)), float)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         refuse(f"{field}.rope_type", rope_type, f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     if rope_type == "default":
-        return float(theta), None
+        return theta, None
     if "factor" not in params:
         refuse(f"{field}.factor", None, f"rope_type {rope_type!r} needs a factor")
+    factor = _convert(source, f"{field}.factor", params["factor"], float)
     if rope_type == "linear":
-        return float(theta), RopeScaling("linear", float(params["factor"]))
+        return theta, RopeScaling("linear", factor)
     for key in ("low_freq_factor", "high_freq_factor"):
         if key not in params:
             refuse(f"{field}.{key}", None, "rope_type 'llama3' needs it")
@@ -253,12 +280,12 @@ def _read_rope(d: dict[str, Any], refuse) -> tuple[float, RopeScaling | None]:
     if original is None:
         why = "rope_type 'llama3' needs it (or max_position_embeddings)"
         refuse(f"{field}.original_max_position_embeddings", None, why)
-    return float(theta), RopeScaling(
+    return theta, RopeScaling(
         "llama3",
-        float(params["factor"]),
-        float(params["low_freq_factor"]),
-        float(params["high_freq_factor"]),
-        int(original),
+        factor,
+        _convert(source, f"{field}.low_freq_factor", params["low_freq_factor"], float),
+        _convert(source, f"{field}.high_freq_factor", params["high_freq_factor"], float),
+        _convert(source, f"{field}.original_max_position_embeddings", original, int),
     )
 
 
@@ -418,6 +445,18 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def _check_ids(input_ids, vocab_size: int) -> None:
+    """Out-of-range ids where they are known (an eager call; training checks its data before
+    the first step): the embedding lookup would give NaN rows for an id past the vocabulary,
+    and wrap -1 to the last row, where torch raises."""
+    if isinstance(input_ids, jax.core.Tracer):
+        return
+    ids = np.asarray(input_ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = ids[(ids < 0) | (ids >= vocab_size)]
+        raise UserError(f"input_ids must be in [0, {vocab_size}) (the model's vocab_size), got {int(bad[0])}.")
+
+
 class Llama(nnx.Module):
     """`LlamaForCausalLM`: `model(input_ids)` returns float32 logits `[B, T, vocab]`.
 
@@ -474,10 +513,10 @@ class Llama(nnx.Module):
     def hidden_states(self, input_ids, positions=None, segment_ids=None) -> jax.Array:
         """Final-normalised hidden states `[B, T, D]` in float32 (the lm head's input)."""
         b, t = input_ids.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        if segment_ids is None:
-            segment_ids = jnp.ones((b, t), jnp.int32)
+        _check_ids(input_ids, self.config.vocab_size)
+        # [T] or [1, T] as well, as transformers' position_ids
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) if positions is None else positions, (b, t))
+        segment_ids = jnp.broadcast_to(1 if segment_ids is None else segment_ids, (b, t)).astype(jnp.int32)
         cos, sin = rope_cos_sin(self.config, positions)
 
         x = jnp.take(self.embed_tokens[...], input_ids.reshape(-1), axis=0).astype(jnp.float32)
