@@ -78,7 +78,16 @@ CASES = [
     ("plain_directory", lambda d: [str(d)], {}, "plain", ["not a dataset saved with datasets.save_to_disk"]),
     ("unknown_format", jsonl({"text": "a"}), {"format": "xml"}, "plain", ["unknown data format 'xml'"]),
     ("undetectable_keys", jsonl({"question": "a", "answer": "b"}), {}, "plain",
-     ["d.jsonl:1", "cannot tell the format", "question, answer", "data.format"]),
+     ["d.jsonl:1", "cannot tell the format", "question, answer", "rename the fields, or set data.format"]),
+    # setting data.format would not help: the fix is the field's name
+    ("misspelt_key", jsonl({"prompt": "a", "completon": "b"}), {}, "plain",
+     ["cannot tell the format", "(prompt, completon) ('completon' looks like 'completion'); expected"]),
+    ("misspelt_column", csv_text("instruction,input,ouput\nsay hi,,hi\n"), {}, "plain",
+     ["cannot tell the format from its columns (instruction, input, ouput) ('ouput' looks like 'output')"]),
+    # read as JSON lines, it was a malformed-JSON error per line ("all records are bad" with skip)
+    ("json_one_object", raw("w.json", '{\n  "data": [\n    {"text": "a"},\n    {"text": "b"}\n  ]\n}\n'), {},
+     "plain", ["w.json holds one JSON object (keys: data), not an array of records or one record per line; put the "
+               "records in a top-level array (e.g. the list under 'data')"]),
     ("all_samples_too_long", jsonl({"text": "hello world " * 20}, {"text": "the quick brown fox " * 10}),
      {"max_seq_len": 8, "truncation": "drop"}, "plain",
      ["all 2 train sample(s) were dropped", "2 longer than data.max_seq_len=8",
@@ -93,8 +102,9 @@ CASES = [
     ("csv_short_first_row", csv_text("text,extra\nc\na,b\n"), {"format": "text"}, "plain",
      ["t.csv:2: the row has 1 value(s)"]),
     # csv's default (strict=False) made the rest of the file one completion: 5 records became 1
-    ("csv_quote_left_open", csv_text('prompt,completion\nhow long?,"5 inches\nq2,a2\nq3,a3\n'), {}, "plain",
-     ["t.csv:", "malformed CSV", "unexpected end of data"]),
+    # named at the row where the quote opened (line 3), not at the end of the file
+    ("csv_quote_left_open", csv_text('prompt,completion\nq1,a1\nhow long?,"5 inches\nq2,a2\nq3,a3\n'), {}, "plain",
+     ["t.csv:3: malformed CSV (a quoted field in the row that starts here is never closed)."]),
     ("csv_quote_then_text", csv_text('prompt,completion\nq1,a1\nhow long?,"5" inches\nq3,a3\n'), {}, "plain",
      ["t.csv:3: malformed CSV", "',' expected after '\"'"]),
     ("parquet_unknown_columns", parquet([{"question": "a", "answer": "b"}]), {}, "plain",
@@ -204,6 +214,25 @@ def test_skip_counts_bad_records(tmp_path, llama3_dir, tokenizer_dirs):
     got = prepare_datasets(settings(data, tok_dir, on_bad_record="skip"), load_tokenizer(tok_dir), log=lambda m: None)
     assert (got.report.bad_records, got.report.train.bad_records, got.report.train.samples) == (1, 1, 2)
     assert "roles must alternate" in got.report.bad_record_examples[0]
+
+
+def test_empty_trained_fields_are_warned_about_in_the_run_log(tmp_path, llama3_dir):
+    """tools/check_data.py calls an empty completion an error (the model learns to say nothing),
+    while training took 4 in 20 without a word; the warning also comes from the data cache."""
+    silent = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "  "}]}
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "completion": "a"}, {"prompt": "q", "completion": ""}])
+    chats = write_jsonl(tmp_path / "c.jsonl", [CHAT, CHAT, silent])
+    s = settings((pairs, chats), llama3_dir, cache_dir=str(tmp_path / "cache"))
+    for hit in (False, True):
+        report = prepare_datasets(s, load_tokenizer(llama3_dir), log=lambda m: None).report
+        assert report.cache_hit is hit and report.empty_trained == 2
+        assert (f"warning: 2 empty or whitespace-only trained field(s), which teach the model to say nothing, e.g. "
+                f"{pairs}:2 (completion); {chats}:3 (assistant content) (tools/check_data.py lists them)"
+                ) in report.summary()
+    assert f"train data: {pairs}, {chats}: 5 records (prompt_completion: 2, messages: 3)" in report.summary()
+    clean = write_jsonl(tmp_path / "clean.jsonl", [CHAT, CHAT])
+    report = prepare_datasets(settings(clean, llama3_dir), load_tokenizer(llama3_dir), log=lambda m: None).report
+    assert report.empty_trained == 0 and "say nothing" not in report.summary()
 
 
 def test_all_records_bad_is_an_error_even_when_skipping(tmp_path, plain_dir):

@@ -90,6 +90,20 @@ def sample_fields(sample: Sample) -> list[Field]:
     ]
 
 
+def empty_fields(sample: Sample) -> list[tuple[str, bool]]:
+    """(label, trained) of each required field that is empty or whitespace-only; a label is
+    the field's name, or "<role> content" for a chat message."""
+    out = []
+    for f in sample_fields(sample):
+        if f.optional or f.text.strip():
+            continue
+        label = f.name
+        if "[" in f.name:
+            label = f"{sample.messages[int(f.name[f.name.index('[') + 1:f.name.index(']')])].role} content"
+        out.append((label, f.trained))
+    return out
+
+
 def sample_format(sample: Sample) -> str:
     if isinstance(sample, ChatSample):
         return sample.source_format

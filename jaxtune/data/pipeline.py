@@ -100,6 +100,9 @@ def prepare_datasets(
     elif settings.eval_fraction > 0:
         train_samples, eval_samples = hold_out(train.samples, settings.eval_fraction, settings.seed)
 
+    report.add_empty_trained(train.samples)
+    if eval_files:
+        report.add_empty_trained(eval_samples)
     encoder = SampleEncoder(tokenizer, train_on_prompt=settings.train_on_prompt, eos_ids=eos_ids)
     train_rows = _build(train_samples[process_index::process_count], encoder, settings, report.train, on_skip)
     eval_rows = None

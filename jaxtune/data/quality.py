@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from jaxtune.data import pipeline
+from jaxtune.data import formats, pipeline
 from jaxtune.data.formats import Sample, sample_fields, sample_format
 from jaxtune.data.packing import pack
 from jaxtune.data.readers import resolve_files
@@ -218,7 +218,8 @@ def check_data(settings: DataSettings, tokenizer, *, ngram: int = 13,
             train_part, eval_part = pipeline.hold_out(train_read.samples, settings.eval_fraction, settings.seed)
             eval_read, eval_invalid, eval_source = train_read, [], f"held out of train (eval_fraction {settings.eval_fraction})"
         except UserError as e:  # too few valid records to hold any out: an error of the report, listed
-            findings.append(Finding("error", "no_records_left_to_train", len(train_read.samples), str(e)))
+            if train_read.samples:  # with none valid, the invalid records are the error, not the hold-out
+                findings.append(Finding("error", "no_records_left_to_train", len(train_read.samples), str(e)))
     train, train_samples, train_tok = _check_split(
         "train", train_read.files, train_part, train_invalid, settings, encoder, findings, vocab_size)
     eval_q, overlap = None, None
@@ -297,12 +298,9 @@ def _check_split(name, files, part: list[Sample], invalid: list[str], settings: 
     empty_trained, empty_prompt = [], []
     empty_fields: dict[str, int] = {}
     for s in samples:
-        for f in sample_fields(s):
-            if f.optional or f.text.strip():
-                continue
-            label = _field_label(s, f.name)
+        for label, trained in formats.empty_fields(s):
             empty_fields[label] = empty_fields.get(label, 0) + 1
-            (empty_trained if f.trained else empty_prompt).append(f"{s.location} ({label})")
+            (empty_trained if trained else empty_prompt).append(f"{s.location} ({label})")
 
     per_format: dict[str, int] = {}
     for s in samples:
@@ -337,14 +335,6 @@ def _check_split(name, files, part: list[Sample], invalid: list[str], settings: 
         fill=round(stats.tokens / (len(rows) * settings.max_seq_len), 4) if len(rows) else 0.0,
     )
     return quality, samples, shown
-
-
-def _field_label(sample: Sample, name: str) -> str:
-    """"messages[3].content" -> "assistant content"; other fields keep their name."""
-    if "[" in name:
-        index = int(name[name.index("[") + 1:name.index("]")])
-        return f"{sample.messages[index].role} content"
-    return name
 
 
 def _overlap(train: list[Sample], eval_samples: list[Sample], n: int, findings: list[Finding]) -> Overlap:

@@ -175,6 +175,7 @@ def _read_json(path: str) -> Iterator[Record | BadRecord]:
     if head.startswith(b"\xef\xbb\xbf"):
         head = head[3:].lstrip()
     if not head.startswith(b"["):
+        _refuse_one_object(path)
         yield from _read_jsonl(path)
         return
     try:
@@ -188,10 +189,35 @@ def _read_json(path: str) -> Iterator[Record | BadRecord]:
         yield Record(Location(path, item=index), value)
 
 
+def _refuse_one_object(path: str) -> None:
+    """A `.json` file that is one object spread over lines (`{"data": [...]}`) read as JSON
+    lines gave an error per line, and with data.on_bad_record=skip "all records are bad".
+    Checked only when its first line is not JSON on its own, so JSON lines cost nothing."""
+    with open(path, "rb") as f:
+        first = next((line for line in f if line.strip()), b"")
+    try:
+        json.loads(first.decode("utf-8-sig"))
+        return
+    except ValueError:
+        pass
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            value = json.load(f)
+    except ValueError:
+        return  # not one JSON value either: the JSON-lines reader names the bad lines
+    if isinstance(value, dict):
+        lists = [k for k, v in value.items() if isinstance(v, list)]
+        hint = f" (e.g. the list under {lists[0]!r})" if lists else ""
+        keys = ", ".join(map(str, list(value)[:5])) or "none"
+        raise UserError(f"{path} holds one JSON object (keys: {keys}), not an array of records or one record per "
+                        f"line; put the records in a top-level array{hint}, or write them as JSON lines.")
+
+
 def _read_csv(path: str) -> Iterator[Record | BadRecord]:
     """Rows as dicts, each at the line where it starts. csv.reader, not DictReader: DictReader
     skips blank lines without saying so, which hides where the row it returns starts."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long texts exceed the 128 KiB default
+    start = 1
     try:
         with _open_text(path) as f:
             # strict: a quote left open would otherwise swallow the rows after it into one field
@@ -216,6 +242,9 @@ def _read_csv(path: str) -> Iterator[Record | BadRecord]:
     except UnicodeDecodeError:
         raise UserError(f"{path} is not valid UTF-8 text.") from None
     except csv.Error as e:
+        if "unexpected end of data" in str(e):  # the file ended inside a quoted field: name where it opened
+            raise UserError(f"{path}:{start}: malformed CSV (a quoted field in the row that starts here is never "
+                            "closed).") from None
         raise UserError(f"{path}:{reader.line_num}: malformed CSV ({e}).") from None
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from jaxtune.data.formats import empty_fields
+
 MAX_EXAMPLES = 5  # bad-record locations kept in the report
 
 
@@ -45,6 +47,9 @@ class DataReport:
     files: list[FileStats] = dataclasses.field(default_factory=list)
     bad_records: int = 0  # all records skipped, in every file (read by every process)
     bad_record_examples: list[str] = dataclasses.field(default_factory=list)  # "FILE:LINE: reason"
+    # trained fields (a completion, an assistant message) that are empty: they train only the EOS
+    empty_trained: int = 0
+    empty_trained_examples: list[str] = dataclasses.field(default_factory=list)  # "FILE:LINE (field)"
     train: SplitStats = dataclasses.field(default_factory=SplitStats)
     eval: SplitStats | None = None
     cache_hit: bool = False
@@ -61,6 +66,14 @@ class DataReport:
         if len(self.bad_record_examples) < MAX_EXAMPLES:
             self.bad_record_examples.append(message)
 
+    def add_empty_trained(self, samples) -> None:
+        for sample in samples:
+            for label, trained in empty_fields(sample):
+                if trained:
+                    self.empty_trained += 1
+                    if len(self.empty_trained_examples) < MAX_EXAMPLES:
+                        self.empty_trained_examples.append(f"{sample.location} ({label})")
+
     def summary(self) -> str:
         lines = []
         for split in ("train", "eval"):
@@ -68,9 +81,15 @@ class DataReport:
             if files:
                 formats = ", ".join(f"{k}: {v:,}" for k, v in self.records_per_format(split).items())
                 records = sum(f.records for f in files)
-                lines.append(f"{split} data: {len(files)} file(s), {records:,} records ({formats})")
+                # named: a recipe's eval files stay in use when the command line replaces only its train files
+                names = ", ".join(f.path for f in files[:3]) + (f", ... ({len(files)} files)" if len(files) > 3 else "")
+                lines.append(f"{split} data: {names}: {records:,} records ({formats})")
         if self.bad_records:
             lines.append(f"skipped {self.bad_records:,} bad record(s), e.g. " + "; ".join(self.bad_record_examples[:3]))
+        if self.empty_trained:
+            lines.append(f"warning: {self.empty_trained:,} empty or whitespace-only trained field(s), which teach the "
+                         "model to say nothing, e.g. " + "; ".join(self.empty_trained_examples[:3])
+                         + " (tools/check_data.py lists them)")
         who = f" (process {self.process_index} of {self.process_count})" if self.process_count > 1 else ""
         for name, s in (("train", self.train), ("eval", self.eval)):
             if s is None:

@@ -74,9 +74,20 @@ def _json_format(record: Record) -> str:
         keys = ", ".join(map(str, record.value.keys())) or "none"
         raise UserError(
             f"{record.location}: cannot tell the format of {record.location.path} from the keys of its first "
-            f"record ({keys}); expected {_expected()}; or set data.format."
+            f"record ({keys}){_near_names(record.value.keys())}; expected {_expected()}: rename the fields, or "
+            "set data.format."
         )
     return fmt
+
+
+def _near_names(keys) -> str:
+    """" ('completon' looks like 'completion')" for keys that are near a format's field name."""
+    import difflib
+
+    known = sorted({name for fields in REQUIRED_FIELDS.values() for name in fields} | {"input", "system"})
+    near = [(k, m[0]) for k in map(str, keys) if k not in known
+            for m in [difflib.get_close_matches(k, known, n=1, cutoff=0.75)] if m]
+    return "".join(f" ({k!r} looks like {m!r})" for k, m in near)
 
 
 def _table_format(source: SourceFile, columns: tuple[str, ...], fmt: str) -> str:
@@ -84,8 +95,8 @@ def _table_format(source: SourceFile, columns: tuple[str, ...], fmt: str) -> str
         detected = detect_format(columns)
         if detected is None:
             raise UserError(
-                f"{source.path}: cannot tell the format from its columns ({', '.join(columns) or 'none'}); "
-                f"expected {_expected()}; or set data.format."
+                f"{source.path}: cannot tell the format from its columns ({', '.join(columns) or 'none'})"
+                f"{_near_names(columns)}; expected {_expected()}: rename the columns, or set data.format."
             )
         return detected
     missing = [c for c in REQUIRED_FIELDS[fmt] if c not in columns]
