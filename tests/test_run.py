@@ -491,6 +491,21 @@ def test_bench_times_jaxtune_and_torch_in_separate_workers():
                      r"\(per-round ratios: median [\d.]+x, range [\d.]+-[\d.]+x\)$", line)
 
 
+def test_bench_without_torch_says_how_to_get_it(monkeypatch):
+    """torch comes with the test extras only; without it the torch worker died with a traceback."""
+    import importlib.util
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from bench import require_torch
+
+    require_torch()  # installed here
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    with pytest.raises(UserError, match=re.escape("PyTorch, which is not installed: install it with `bash "
+                                                  "tools/install.sh --test` (a CPU build), or pass --jax-only.")):
+        require_torch()
+
+
 def test_bench_gives_the_median_and_range_of_its_per_round_ratios():
     """The best-of ratio alone hid how much a noisy machine moved it (0.98-1.19x in three runs)."""
     sys.path.insert(0, os.path.join(ROOT, "tools"))

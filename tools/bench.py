@@ -259,6 +259,15 @@ class Worker:
             self.proc.wait()
 
 
+def require_torch() -> None:
+    """torch is a test dependency only: without it the torch worker died with a traceback."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise UserError("tools/bench.py compares against PyTorch, which is not installed: install it with "
+                        "`bash tools/install.sh --test` (a CPU build), or pass --jax-only.")
+
+
 def native_bf16_matmul(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
     """Whether this CPU has bf16 matrix instructions (None: cannot tell, not Linux). Without
     them both stacks emulate bf16 products: on an AVX2 EPYC torch's autocast step ran at 44
@@ -342,6 +351,8 @@ def main():
     if a.compile:
         return bench_compile(a)
     llama_config(a)  # the shape errors a worker would find, reported here in one line
+    if not a.jax_only:
+        require_torch()
     for precision in (("fp32", "bf16") if a.precision == "both" else (a.precision,)):
         bench_precision(a, precision)
 
