@@ -33,33 +33,36 @@ from jaxtune.state import LoopState, TrainState
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
 TRASH = ".deleted"  # Orbax renames a step here to delete it (todelete_subdir)
-# The item that marks a checkpoint saved off the save schedule: because the run was stopped,
-# or during a streak of skipped steps (its name on disk predates the second reason).
-OFF_SCHEDULE = "at_stop"
+# Items that mark a checkpoint saved off the save schedule, not counted by `checkpoint.keep`.
+AT_STOP = "at_stop"  # saved because the run was stopped: never a rollback's target either
+IN_STREAK = "in_streak"  # saved during skipped steps
 
 
 @dataclasses.dataclass
 class _KeepScheduled:
     """An Orbax preservation policy: `checkpoint.keep` counts the checkpoints of the save
-    schedule that an anomaly rollback may return to. One saved off it stays only while it is
-    the newest:
+    schedule. One saved off it stays only while it is the newest:
     - saved because the run was stopped (a preemption): kept longer, it would push a
       scheduled one out, and which checkpoint a later rollback returns to would differ from
       the uninterrupted run's;
-    - saved during a streak of skipped steps: it holds the failing state, never a rollback's
-      target, and counted it pushed out the checkpoint a rollback needs (with keep=1, the
-      only one, so the run stopped instead of rolling back)."""
+    - saved during skipped steps: counted, it pushed out the checkpoint a rollback past
+      those steps needs (with keep=1 the only one, and the run stopped instead). It may still
+      be a later rollback's target once those steps were followed by good ones (skipped
+      steps change no weight)."""
 
     directory: str
     keep: int
-    pending_off_schedule: set[int] = dataclasses.field(default_factory=set)  # being written: not on disk yet
+    pending: dict[int, str] = dataclasses.field(default_factory=dict)  # step -> marker, being written
 
-    def off_schedule(self, step: int) -> bool:
-        return step in self.pending_off_schedule or os.path.isdir(os.path.join(self.directory, str(step), OFF_SCHEDULE))
+    def marked(self, step: int, marker: str) -> bool:
+        return self.pending.get(step) == marker or os.path.isdir(os.path.join(self.directory, str(step), marker))
+
+    def counted(self, step: int) -> bool:
+        return not (self.marked(step, AT_STOP) or self.marked(step, IN_STREAK))
 
     def should_preserve(self, checkpoints, *, context) -> list[bool]:
         steps = [c.step for c in checkpoints]
-        scheduled = sorted(s for s in steps if not self.off_schedule(s))
+        scheduled = sorted(s for s in steps if self.counted(s))
         kept = set(scheduled[-self.keep:]) | {max(steps, default=-1)}
         return [s in kept for s in steps]
 
@@ -148,7 +151,7 @@ class Checkpointer:
         self.manager = _manager(
             self.directory,
             {"state": ocp.StandardCheckpointHandler(), "loop": ocp.JsonCheckpointHandler(),
-             OFF_SCHEDULE: ocp.JsonCheckpointHandler()},
+             AT_STOP: ocp.JsonCheckpointHandler(), IN_STREAK: ocp.JsonCheckpointHandler()},
             preservation_policy=self.retention,
         )
         self.best_manager = _manager(
@@ -158,23 +161,22 @@ class Checkpointer:
         )
 
     # ---- full training state ------------------------------------------------------------
-    def save(self, step: int, state: TrainState, loop: LoopState, *, off_schedule: bool = False) -> None:
-        """`off_schedule`: saved because the run was stopped, or during skipped steps; not
-        counted by `checkpoint.keep` and never a rollback's target (see `_KeepScheduled`)."""
+    def save(self, step: int, state: TrainState, loop: LoopState, *, marker: str | None = None) -> None:
+        """`marker`: AT_STOP or IN_STREAK for a checkpoint off the save schedule (see `_KeepScheduled`)."""
         if step in self.manager.all_steps():
-            if off_schedule or not self.retention.off_schedule(step):
+            if marker is not None or self.retention.counted(step):
                 return  # this step is saved already, as it would be now or on the schedule
-            # A stop's checkpoint of this step, now the run's last one (the run was resumed with
-            # train.max_steps at the stop): replaced, so that it holds the final evaluation and
-            # counts as scheduled. The older checkpoints stay until the new one is complete.
+            # An off-schedule checkpoint of this step, now the run's last one (e.g. the run was
+            # resumed with train.max_steps at its stop): replaced, so that it holds the final
+            # evaluation and counts. The older checkpoints stay until the new one is complete.
             self.manager.wait_until_finished()
             self.manager.delete(step)
-            self.retention.pending_off_schedule.discard(step)
+            self.retention.pending.pop(step, None)
         self._finish_deletions(self.manager, self.directory)
         items = {"state": ocp.args.StandardSave(state), "loop": ocp.args.JsonSave(loop.to_json())}
-        if off_schedule:
-            self.retention.pending_off_schedule.add(step)
-            items[OFF_SCHEDULE] = ocp.args.JsonSave({"step": step})
+        if marker is not None:
+            self.retention.pending[step] = marker
+            items[marker] = ocp.args.JsonSave({"step": step})
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def steps(self) -> list[int]:
@@ -187,10 +189,10 @@ class Checkpointer:
         _empty_trash(directory, self._removals)
         self._removals = [t for t in self._removals if t.is_alive()]
 
-    def scheduled_steps(self) -> list[int]:
+    def rollback_steps(self) -> list[int]:
         """The checkpoints a rollback may return to, which an uninterrupted run has too: not
-        one saved because the run was stopped or during skipped steps."""
-        return [s for s in self.steps() if not self.retention.off_schedule(s)]
+        one saved because the run was stopped."""
+        return [s for s in self.steps() if not self.retention.marked(s, AT_STOP)]
 
     def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, LoopState]:
         restored = self.manager.restore(
@@ -301,7 +303,7 @@ class Checkpointer:
         self.manager.wait_until_finished()
         for later in [s for s in self.manager.all_steps() if s > step]:
             self.manager.delete(later)
-            self.retention.pending_off_schedule.discard(later)
+            self.retention.pending.pop(later, None)
         _empty_trash(self.directory, self._removals)
 
     def discard_best_after(self, step: int) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtune import distributed, sharding
-from jaxtune.checkpoint import Checkpointer, corrupt_steps, no_checkpoint_left
+from jaxtune.checkpoint import AT_STOP, IN_STREAK, TMP_MARKER, Checkpointer, corrupt_steps, no_checkpoint_left
 from jaxtune.config import (
     MAX_STEPS, expand_user_paths, has_eval_data, metric_greater_is_better, settings_without_effect, validate,
 )
@@ -120,7 +120,9 @@ def _refuse_lost_checkpoints(config, ckpt_dir: str) -> None:
         raise UserError(no_checkpoint_left(ckpt_dir, corrupt))
     best_dir = os.path.join(config.workdir, "best")
     best = [int(n) for n in os.listdir(best_dir) if n.isdigit()] if os.path.isdir(best_dir) else []
-    if best and max(best) >= config.train.save_every:
+    # a first save the process died in (the best model of its step is smaller, done sooner)
+    interrupted = os.path.isdir(ckpt_dir) and any(TMP_MARKER in n for n in os.listdir(ckpt_dir))
+    if best and max(best) >= config.train.save_every and not interrupted:
         raise UserError(
             f"workdir {config.workdir} has no checkpoint to resume from, but best/{max(best)} is from a step at or "
             f"past the first save (train.save_every={config.train.save_every}): the run's checkpoints were deleted? "
@@ -254,14 +256,7 @@ class _Loop:
         restored = self.ckpt.restore_latest(self.abstract_state, log=log) if resume else None
         if restored is not None:
             self.step, self.state, self.loop = restored
-            where = os.path.join(self.ckpt.directory, str(self.step))
-            if self.step > self.total_steps:
-                raise UserError(
-                    f"checkpoint {where} is past the end of this run ({self.total_steps} steps"
-                    + (f", train.max_steps={t.max_steps}" if t.max_steps > 0 else f", train.num_epochs={t.num_epochs:g}")
-                    + "); resume with at least as many steps, or use a new workdir."
-                )
-            log(f"resuming from step {self.step} ({where})")
+            log(f"resuming from step {self.step} ({os.path.join(self.ckpt.directory, str(self.step))})")
         else:
             self.step, self.loop = 0, LoopState()
             if left_behind:
@@ -279,14 +274,24 @@ class _Loop:
                     f"of training batches ({'; '.join(changes)}), so its data position would skip or repeat data; "
                     "resume with the settings it was written with, or use a new workdir."
                 )
+        if restored is not None and self.step > self.total_steps:  # after the data check: other data is its cause
+            raise UserError(
+                f"checkpoint {os.path.join(self.ckpt.directory, str(self.step))} is past the end of this run "
+                f"({self.total_steps} steps"
+                + (f", train.max_steps={t.max_steps}" if t.max_steps > 0 else f", train.num_epochs={t.num_epochs:g}")
+                + "); resume with at least as many steps, or use a new workdir."
+            )
+        # Only when a best model was chosen: without one (no eval data, or none evaluated yet)
+        # these settings have chosen nothing.
+        chosen = restored is not None and self.loop.best.step is not None
         saved_metric, saved_direction = self.loop.best.metric, self.loop.best.greater_is_better
-        if restored is not None and saved_metric is not None and saved_metric != c.checkpoint.metric:
+        if chosen and saved_metric is not None and saved_metric != c.checkpoint.metric:
             raise UserError(
                 f"checkpoint {os.path.join(self.ckpt.directory, str(self.step))} chose its best model by {saved_metric}, "
                 f"now checkpoint.metric={c.checkpoint.metric}; resume with checkpoint.metric={saved_metric}, or use a "
                 "new workdir."
             )
-        if restored is not None and saved_direction is not None and saved_direction != self.gib:
+        if chosen and saved_direction is not None and saved_direction != self.gib:
             raise UserError(
                 f"checkpoint {os.path.join(self.ckpt.directory, str(self.step))} chose its best model with "
                 f"checkpoint.greater_is_better={saved_direction}, now {self.gib}; resume with "
@@ -468,11 +473,11 @@ class _Loop:
                 self.ckpt.save(s, self.state, self.loop)
                 return "early_stopping"
         if s % t.save_every == 0:
-            self.ckpt.save(s, self.state, self.loop, off_schedule=self._skipped_in_a_row > 0)
+            self.ckpt.save(s, self.state, self.loop, marker=IN_STREAK if self._skipped_in_a_row else None)
         if not stop:  # a signal during the evaluation or the save stops here, not a step later
             stop, _ = self._stop_requested_and_tokens(0)
         if stop:  # the last step's checkpoint is the uninterrupted run's too
-            self.ckpt.save(s, self.state, self.loop, off_schedule=s != self.total_steps)
+            self.ckpt.save(s, self.state, self.loop, marker=AT_STOP if s != self.total_steps else None)
             self.ckpt.wait()
             self.log.message(f"stopped at step {s}; checkpoint saved. Run the same command to continue.")
             return "preempted"
@@ -510,7 +515,8 @@ class _Loop:
         self.ckpt.wait()
         # Not a checkpoint a stop saved: the uninterrupted run has none there, and the rollback
         # would go elsewhere than in it (a resumed run must be the same run).
-        before = [s for s in self.ckpt.scheduled_steps() if s <= step - count]
+        # (one saved during these bad steps is after their first, so not among them)
+        before = [s for s in self.ckpt.rollback_steps() if s <= step - count]
         last_end = self.loop.rolled_back_from
         stuck = bool(before) and before[-1] == self.loop.rolled_back_to and (last_end is None or step - count < last_end)
         if a.on_persistent == "stop" or not before or stuck:

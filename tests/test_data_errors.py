@@ -85,6 +85,10 @@ CASES = [
     ("misspelt_column", csv_text("instruction,input,ouput\nsay hi,,hi\n"), {}, "plain",
      ["cannot tell the format from its columns (instruction, input, ouput) ('ouput' looks like 'output')"]),
     # read as JSON lines, it was a malformed-JSON error per line ("all records are bad" with skip)
+    # json.dump's default: one line, read as one record of no known format
+    ("json_one_object_one_line", raw("m.json", '{"data": [{"text": "a"}, {"text": "b"}]}\n'), {}, "plain",
+     ["m.json:1: cannot tell the format", "(the records seem to be the list under 'data': put them in a top-level "
+      "array, or write them as JSON lines)"]),
     ("json_one_object", raw("w.json", '{\n  "data": [\n    {"text": "a"},\n    {"text": "b"}\n  ]\n}\n'), {},
      "plain", ["w.json holds one JSON object (keys: data), not an array of records or one record per line; put the "
                "records in a top-level array (e.g. the list under 'data')"]),
@@ -106,7 +110,10 @@ CASES = [
     ("csv_quote_left_open", csv_text('prompt,completion\nq1,a1\nhow long?,"5 inches\nq2,a2\nq3,a3\n'), {}, "plain",
      ["t.csv:3: malformed CSV (a quoted field in the row that starts here is never closed)."]),
     ("csv_quote_then_text", csv_text('prompt,completion\nq1,a1\nhow long?,"5" inches\nq3,a3\n'), {}, "plain",
-     ["t.csv:3: malformed CSV", "',' expected after '\"'"]),
+     ["t.csv:3: malformed CSV in the row that starts here", "',' expected after '\"'"]),
+    # the quote opened on line 3 runs into line 4, where the reader fails: the row's line is named
+    ("csv_quote_runs_on", csv_text('prompt,completion\nq1,a1\n"q2,a2\nq3,"a3"\n'), {}, "plain",
+     ["t.csv:3: malformed CSV in the row that starts here (',' expected after '\"'; found at line 4)."]),
     ("parquet_unknown_columns", parquet([{"question": "a", "answer": "b"}]), {}, "plain",
      ["t.parquet", "cannot tell the format from its columns (question, answer)"]),
     ("parquet_null_in_row", parquet([ALPACA, {"instruction": "x", "input": "", "output": None}]), {}, "plain",
@@ -214,6 +221,18 @@ def test_skip_counts_bad_records(tmp_path, llama3_dir, tokenizer_dirs):
     got = prepare_datasets(settings(data, tok_dir, on_bad_record="skip"), load_tokenizer(tok_dir), log=lambda m: None)
     assert (got.report.bad_records, got.report.train.bad_records, got.report.train.samples) == (1, 1, 2)
     assert "roles must alternate" in got.report.bad_record_examples[0]
+
+
+def test_a_large_json_file_whose_first_line_is_bad_is_not_read_whole(tmp_path, monkeypatch):
+    """To tell a JSON object spread over lines from JSON lines with a bad first line, the file
+    was parsed whole: twice its size in memory on every process, for a multi-GB file."""
+    from jaxtune.data import readers
+
+    [path] = raw("big.json", '{"text": "a"\n{"text": "b"}\n{"text": "c"}\n')(tmp_path)
+    monkeypatch.setattr(readers, "_ONE_OBJECT_READ_LIMIT", 10)
+    monkeypatch.setattr(readers.json, "load", lambda *a, **k: pytest.fail("read the whole file"))
+    records = list(readers._read_json(path))
+    assert [type(r).__name__ for r in records] == ["BadRecord", "Record", "Record"]
 
 
 def test_empty_trained_fields_are_warned_about_in_the_run_log(tmp_path, llama3_dir):

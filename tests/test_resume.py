@@ -331,6 +331,13 @@ def test_a_run_that_died_before_its_first_checkpoint_starts_over_and_says_so(ref
     assert re.search(r"no checkpoint to resume from in \S+: starting from step 0, replacing what a run that stopped "
                      r"before its first checkpoint left \(best, metrics.jsonl, tensorboard, curves.png\)",
                      capsys.readouterr().out)
+    # Killed while writing its first checkpoint, after the (smaller) best model of that step was
+    # saved: best/4 is at the first save, yet the run had no checkpoint; it was refused forever.
+    config = make_config(overrides(tmp_path / "killed", train__max_steps=4, train__save_every=4))
+    first = run(config)
+    os.rename(tmp_path / "killed" / "checkpoints" / "4", tmp_path / "killed" / "checkpoints" / "4.orbax-checkpoint-tmp-1")
+    again = run(config)
+    assert again.step == 4 and _comparable(again.history) == _comparable(first.history)
 
 
 def _saved_checkpoints(tmp_path, steps=(1, 2)):
@@ -592,6 +599,18 @@ def test_with_keep_1_a_save_during_the_bad_steps_leaves_the_checkpoint_a_rollbac
     assert [(r["step"], r["to_step"]) for r in result.history if r.get("event") == "rollback"] == [(9, 4)]
     assert result.stop_reason == "completed" and result.step == 12
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["12"]
+
+
+def test_a_checkpoint_saved_during_skipped_steps_that_recovered_is_a_later_rollbacks_target(reference, tmp_path,
+                                                                                            monkeypatch):
+    """Steps 3-4 are skipped (checkpoint 4 is saved between them) and step 5 trains again; bad
+    steps 6-8 then roll back to checkpoint 4, which holds step 2's weights. Counted as a save
+    of the failing state, it was passed over and the run stopped with exit code 3."""
+    overrides, _ = reference
+    _poison(monkeypatch, {3, 4, 6, 7, 8})
+    result = run(make_config(overrides(tmp_path / "run", anomaly__max_consecutive=3)))
+    assert [(r["step"], r["to_step"]) for r in result.history if r.get("event") == "rollback"] == [(8, 4)]
+    assert result.stop_reason == "completed" and result.step == 12
 
 
 def test_a_second_rollback_to_the_same_checkpoint_stops_the_run(reference, tmp_path, monkeypatch):
@@ -905,6 +924,16 @@ def test_resuming_with_another_best_model_metric_is_refused(reference, tmp_path)
             "checkpoint.greater_is_better=False, or use a new workdir.")):
         run(make_config(overrides(tmp_path / "run", checkpoint__greater_is_better=True)))
     assert run(make_config(overrides(tmp_path / "run", checkpoint__greater_is_better=False))).step == 12
+
+
+def test_best_model_settings_may_change_on_resume_while_no_best_model_was_chosen(reference, tmp_path):
+    """Without eval data the start-up warns that greater_is_better changes nothing; dropping it
+    then refused the resume ("chose its best model with ..."), though none was chosen."""
+    overrides, _ = reference
+    no_eval = dict(data__eval_files=(), data__eval_fraction=0.0, train__eval_every=0)
+    run(make_config(overrides(tmp_path / "run", checkpoint__greater_is_better=True, checkpoint__metric="eval_ppl",
+                              **no_eval)), should_stop=lambda step: step == 4)
+    assert run(make_config(overrides(tmp_path / "run", **no_eval))).step == 12
 
 
 def test_the_same_command_after_early_stopping_trains_no_more(reference, tmp_path):

@@ -189,6 +189,9 @@ def _read_json(path: str) -> Iterator[Record | BadRecord]:
         yield Record(Location(path, item=index), value)
 
 
+_ONE_OBJECT_READ_LIMIT = 64 * 2**20
+
+
 def _refuse_one_object(path: str) -> None:
     """A `.json` file that is one object spread over lines (`{"data": [...]}`) read as JSON
     lines gave an error per line, and with data.on_bad_record=skip "all records are bad".
@@ -197,9 +200,11 @@ def _refuse_one_object(path: str) -> None:
         first = next((line for line in f if line.strip()), b"")
     try:
         json.loads(first.decode("utf-8-sig"))
-        return
+        return  # JSON lines (a one-line object is a record; its format is judged with the others)
     except ValueError:
         pass
+    if first.strip() not in (b"{", b"\xef\xbb\xbf{") and os.path.getsize(path) > _ONE_OBJECT_READ_LIMIT:
+        return  # a large file whose first line is a bad record: not read whole (the lines are reported)
     try:
         with open(path, encoding="utf-8-sig") as f:
             value = json.load(f)
@@ -241,11 +246,12 @@ def _read_csv(path: str) -> Iterator[Record | BadRecord]:
                     yield Record(location, dict(zip(header, row)))
     except UnicodeDecodeError:
         raise UserError(f"{path} is not valid UTF-8 text.") from None
-    except csv.Error as e:
-        if "unexpected end of data" in str(e):  # the file ended inside a quoted field: name where it opened
+    except csv.Error as e:  # named where its row starts: an open quote may have run on for lines
+        if "unexpected end of data" in str(e):  # the file ended inside a quoted field
             raise UserError(f"{path}:{start}: malformed CSV (a quoted field in the row that starts here is never "
                             "closed).") from None
-        raise UserError(f"{path}:{reader.line_num}: malformed CSV ({e}).") from None
+        detected = f"; found at line {reader.line_num}" if reader.line_num != start else ""
+        raise UserError(f"{path}:{start}: malformed CSV in the row that starts here ({e}{detected}).") from None
 
 
 def _csv_header(reader) -> list[str] | None:

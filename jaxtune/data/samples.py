@@ -74,8 +74,8 @@ def _json_format(record: Record) -> str:
         keys = ", ".join(map(str, record.value.keys())) or "none"
         raise UserError(
             f"{record.location}: cannot tell the format of {record.location.path} from the keys of its first "
-            f"record ({keys}){_near_names(record.value.keys())}; expected {_expected()}: rename the fields, or "
-            "set data.format."
+            f"record ({keys}){_near_names(record.value.keys())}{_nested_records(record.value)}; expected "
+            f"{_expected()}: rename the fields, or set data.format."
         )
     return fmt
 
@@ -88,6 +88,15 @@ def _near_names(keys) -> str:
     near = [(k, m[0]) for k in map(str, keys) if k not in known
             for m in [difflib.get_close_matches(k, known, n=1, cutoff=0.75)] if m]
     return "".join(f" ({k!r} looks like {m!r})" for k, m in near)
+
+
+def _nested_records(value: dict) -> str:
+    """A hint for `{"data": [{...}, ...]}` on one line (json.dump's default), read as one record."""
+    for key, item in value.items():
+        if isinstance(item, list) and item and all(isinstance(x, dict) for x in item):
+            return (f" (the records seem to be the list under {key!r}: put them in a top-level array, or write "
+                    "them as JSON lines)")
+    return ""
 
 
 def _table_format(source: SourceFile, columns: tuple[str, ...], fmt: str) -> str:

@@ -451,6 +451,8 @@ def _check_ids(input_ids, vocab_size: int) -> None:
     and wrap -1 to the last row, where torch raises."""
     if isinstance(input_ids, jax.core.Tracer):
         return
+    if isinstance(input_ids, jax.Array) and not input_ids.is_fully_addressable:
+        return  # spread over hosts: this one cannot read the others' ids
     ids = np.asarray(input_ids)
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         bad = ids[(ids < 0) | (ids >= vocab_size)]
