@@ -106,16 +106,19 @@ class SafetensorsReader:
         self.path = str(path)
         index = os.path.join(self.path, SAFETENSORS_INDEX)
         single = os.path.join(self.path, SAFETENSORS_FILE)
+        self._pickled: dict[str, Any] | None = None  # the pickle weights' tensors, in pickle mode
         if os.path.isfile(single):  # before the index, as transformers: a sharded save into a
             # directory that held one file leaves both, and both readers must load the same weights
             with _safe_open(single) as f:
                 self.file_of = {name: single for name in f.keys()}
+            source = single
         elif os.path.isfile(index):
             weight_map = _read_weight_map(index)
             self.file_of = {name: os.path.join(self.path, file) for name, file in weight_map.items()}
             for file in set(self.file_of.values()):
                 if not os.path.isfile(file):
                     raise UserError(f"{index} lists {os.path.basename(file)}, which does not exist.")
+            source = index
         elif any(os.path.exists(os.path.join(self.path, p)) for p in PICKLE_FILES):
             if not allow_pickle:
                 raise UserError(
@@ -125,31 +128,31 @@ class SafetensorsReader:
                 )
             self.file_of = {}
             self._pickled = _load_pickle_weights(self.path)
+            source = self.path
         else:
             raise UserError(f"{self.path}: no model.safetensors or {SAFETENSORS_INDEX} found.")
-        if not self.file_of and not getattr(self, "_pickled", None):  # (empty, the readers below took it for pickle)
-            source = single if os.path.isfile(single) else index if os.path.isfile(index) else self.path
+        if not (self.file_of or self._pickled):
             raise UserError(f"{source} holds no tensors (an interrupted save or conversion?).")
         self._handles: dict[str, Any] = {}
 
     def names(self) -> set[str]:
-        if self.file_of:
-            return set(self.file_of)
-        return set(self._pickled)
+        if self._pickled is not None:
+            return set(self._pickled)
+        return set(self.file_of)
 
     def get(self, name: str) -> np.ndarray:
-        if not self.file_of:
+        if self._pickled is not None:
             return _torch_to_numpy(self._pickled[name])
         return self._read(name, lambda h: h.get_tensor(name))
 
     def shape(self, name: str) -> tuple[int, ...]:
-        if not self.file_of:
+        if self._pickled is not None:
             return tuple(self._pickled[name].shape)
         return tuple(self._read(name, lambda h: h.get_slice(name).get_shape()))
 
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows start:stop of a tensor, without reading the rest of it."""
-        if not self.file_of:
+        if self._pickled is not None:
             return _torch_to_numpy(self._pickled[name][start:stop])
         return self._read(name, lambda h: h.get_slice(name)[start:stop])
 
