@@ -46,6 +46,10 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
 )
 
 
+def _devices(n: int) -> str:
+    return f"{n} device" + ("" if n == 1 else "s")
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshShape:
     data: int = 1
@@ -61,16 +65,17 @@ class MeshShape:
         if sizes.count(-1) > 1:
             raise UserError("only one of mesh.data, mesh.fsdp, mesh.tensor may be -1.")
         known = int(np.prod([s for s in sizes if s != -1]))
+        available = f"{num_devices} {'is' if num_devices == 1 else 'are'} available"
         if -1 in sizes:
+            if known > num_devices:
+                raise UserError(f"the mesh axes given need at least {_devices(known)}, but {available}.")
             if num_devices % known:
-                raise UserError(
-                    f"the mesh axes given ({known} devices) do not divide the {num_devices} devices available."
-                )
+                raise UserError(f"the mesh axes given ({_devices(known)}) do not divide the {_devices(num_devices)} available.")
             sizes[sizes.index(-1)] = num_devices // known
         if int(np.prod(sizes)) != num_devices:
             raise UserError(
                 f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "
-                f"{int(np.prod(sizes))} devices, but {num_devices} are available."
+                f"{_devices(int(np.prod(sizes)))}, but {available}."
             )
         return tuple(sizes)
 
