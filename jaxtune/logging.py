@@ -44,8 +44,11 @@ def _wandb_did_not_start(e: Exception) -> UserError:
                      "WANDB_MODE=offline, or set logging.wandb=False.")
 
 
+TENSORBOARD_FLUSH_SECS = 1
+
+
 class RunLogger:
-    def __init__(self, workdir: str, config, *, total_steps: int, start_step: int, history: list[dict],
+    def __init__(self, workdir: str, config, *, total_steps: int, history: list[dict],
                  wandb_id: str | None = None, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.workdir = workdir
@@ -67,10 +70,12 @@ class RunLogger:
 
             tb_dir = os.path.join(workdir, "tensorboard")
             shutil.rmtree(tb_dir, ignore_errors=True)  # may hold steps after the restored checkpoint
-            self.tb = SummaryWriter(tb_dir)
+            # tensorboardX queues events for a thread that writes them and flushes its file at most
+            # every flush_secs; SummaryWriter.flush() does not wait for the queue. At the default
+            # of 120 s the file lagged a log line behind, and a killed run lost its last ones.
+            self.tb = SummaryWriter(tb_dir, flush_secs=TENSORBOARD_FLUSH_SECS)
             for record in history:
                 self._tb_scalars(record)
-            self.tb.flush()
         if lc.wandb:
             try:
                 import wandb
@@ -85,10 +90,19 @@ class RunLogger:
                     )
                 except Exception as e:  # wandb's own error types: no login on a headless host, no network, ...
                     raise _wandb_did_not_start(e) from None
-        if lc.progress_bar:
-            from tqdm import tqdm
+        self._progress_bar, self._total_steps = lc.progress_bar, total_steps
 
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+    def start_progress(self, step: int) -> None:
+        """A bar from `step`, started when training starts (started with the logger, its clock
+        counted data preparation and compilation: an ETA of minutes for a run of seconds) and
+        again after a rollback (counted on from the abandoned steps, it ran past the total)."""
+        if not self.enabled or not self._progress_bar:
+            return
+        from tqdm import tqdm
+
+        if self.bar is not None:
+            self.bar.close()
+        self.bar = tqdm(total=self._total_steps, initial=step, unit="step", dynamic_ncols=True)
 
     def log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
@@ -98,7 +112,6 @@ class RunLogger:
         step = record["step"]
         if self.tb is not None:
             self._tb_scalars(record)
-            self.tb.flush()  # a killed run keeps what it logged
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=step)
         if self.bar is not None:

@@ -126,6 +126,7 @@ class LoopState:
     interval: IntervalState = dataclasses.field(default_factory=IntervalState)
     wandb_id: str | None = None  # the W&B run this training run logs to, across restarts
     data_order: DataOrder | None = None  # None in checkpoints written before it was recorded
+    config: dict[str, Any] | None = None  # the resolved config (config.json) of the start that trained it
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -148,16 +148,13 @@ def _resolved_config(config, mesh_sizes, settings) -> dict:
     return d
 
 
-def _changed_settings(previous_path: str, resolved: dict) -> list[str]:
+def _changed_settings(previous: dict | None, resolved: dict) -> list[str]:
     """`key old -> new` for each setting of `resolved` (as read back from its JSON, so tuples
-    are lists) that differs from the previous start's config.json:
-    a resume continues with whatever the command now says (a longer run, a lower learning
-    rate), and a setting changed by mistake should not pass unnoticed. Nothing if that file
-    is missing or unreadable (an older run, a copied checkpoint)."""
-    try:
-        with open(previous_path) as f:
-            previous = json.load(f)
-    except (OSError, ValueError):
+    are lists) that differs from `previous`, the settings the resumed checkpoint was trained
+    with: a resume continues with whatever the command now says (a longer run, a lower
+    learning rate), and a setting changed by mistake should not pass unnoticed. Nothing
+    without them (a checkpoint from before they were recorded, and no readable config.json)."""
+    if previous is None:
         return []
 
     def flat(d, prefix=""):
@@ -170,6 +167,15 @@ def _changed_settings(previous_path: str, resolved: dict) -> list[str]:
     missing = object()
     return [f"{key} {json.dumps(before.get(key))} -> {json.dumps(after.get(key))}"
             for key in sorted(before.keys() | after.keys()) if before.get(key, missing) != after.get(key, missing)]
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def run(config, *, should_stop: Callable[[int], bool] | None = None) -> RunResult:
@@ -308,18 +314,21 @@ class _Loop:
                                           self.mesh, self.shardings)
         self.eval_step = make_eval_step(self.graphdef, step_settings, self.mesh, self.shardings.params)
 
+        text = json.dumps(_resolved_config(c, self.mesh.devices.shape, self.data_settings), indent=2)
+        config_path = os.path.join(c.workdir, "config.json")
         changed_settings = []
+        if restored is not None:
+            # config.json is the last start's, which may have ended before training a step.
+            trained_with = self.loop.config if self.loop.config is not None else _read_json(config_path)
+            changed_settings = _changed_settings(trained_with, json.loads(text))
+        self.loop.config = json.loads(text)  # checkpointed: what the steps after this start train with
         if distributed.is_main():
             os.makedirs(c.workdir, exist_ok=True)
-            config_path = os.path.join(c.workdir, "config.json")
-            text = json.dumps(_resolved_config(c, self.mesh.devices.shape, self.data_settings), indent=2)
-            if restored is not None:
-                changed_settings = _changed_settings(config_path, json.loads(text))
             with open(config_path, "w") as f:
                 f.write(text)
         if self.loop.wandb_id is None:
             self.loop.wandb_id = uuid.uuid4().hex[:16]  # used (and checkpointed) by process 0 only
-        self.log = RunLogger(c.workdir, c, total_steps=self.total_steps, start_step=self.step,
+        self.log = RunLogger(c.workdir, c, total_steps=self.total_steps,
                              history=self.loop.history,  # one list: what is logged is checkpointed
                              wandb_id=self.loop.wandb_id)
         self.log.message(data.report.summary())
@@ -331,8 +340,8 @@ class _Loop:
         )
         if changed_settings:
             self.log.message(
-                f"warning: resuming from step {self.step} with settings other than those the run last started "
-                f"with: {'; '.join(changed_settings)} (config.json now holds the new ones)."
+                f"warning: resuming from step {self.step} with settings other than those its checkpoint was "
+                f"trained with: {'; '.join(changed_settings)} (config.json now holds the new ones)."
             )
         self._warn_if_early_stopping_cannot_fire()
         for sentence in settings_without_effect(c):
@@ -407,6 +416,7 @@ class _Loop:
         self.loop.stopped_early = False  # a larger patience (or none) continues the run
         reason = "completed"
         self._interval = _Interval(self.loop.interval)
+        self.log.start_progress(self.step)
         pending = None
         while self.step < self.total_steps:
             rows = self.loader.next_batch()
@@ -538,9 +548,11 @@ class _Loop:
         restored_loop.rolled_back_to = restored_step
         restored_loop.rolled_back_from = step
         restored_loop.history = self.log.history  # the log keeps what happened before the rollback
+        restored_loop.config = self.loop.config  # this start's settings train on
         self.loop, self.step = restored_loop, restored_step
         self._interval = _Interval(self.loop.interval)
         self.log.message(f"{what}; rolled back to step {restored_step}, data continues past the bad batches")
+        self.log.start_progress(restored_step)
         self.log.log({"step": step, "event": "rollback", "to_step": restored_step, "skipped_in_a_row": count})
 
     def _log_interval(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
@@ -105,3 +106,21 @@ def assert_trees_equal(a, b, atol=0.0):
     assert len(la) == len(lb)
     for x, y in zip(la, lb):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
+
+
+def tensorboard_scalars(workdir, tag) -> list[tuple[int, float]]:
+    """(step, value) of every `tag` scalar in the run's event files (TFRecord framing)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out = []
+    for path in sorted(glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents*"))):
+        data, i = open(path, "rb").read(), 0
+        while i + 12 <= len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[i + 12:i + 12 + n])
+            out += [(event.step, v.simple_value) for v in event.summary.value if v.tag == tag]
+            i += 12 + n + 4
+    return sorted(out)

@@ -21,7 +21,8 @@ from jaxtune.state import LoopState
 from jaxtune.errors import UserError
 from jaxtune.train import AnomalyStop, run
 from helpers import edit_config
-from run_helpers import ROOT, assert_trees_equal, make_config, read_metrics, run_py, train_losses, write_recipe
+from run_helpers import (ROOT, assert_trees_equal, make_config, read_metrics, run_py, tensorboard_scalars, train_losses,
+                         write_recipe)
 
 TIMING_KEYS = ("tokens_per_sec", "mfu")
 
@@ -540,10 +541,13 @@ def test_nan_batch_is_skipped_counted_and_logged(reference, tmp_path, monkeypatc
     assert {s: lines[s]["loss"] for s in range(1, 6)} == {s: l for s, l in train_losses(ref.history).items() if s < 6}
 
 
-def test_persistent_anomalies_roll_back_past_the_bad_batches(reference, tmp_path, monkeypatch):
+def test_persistent_anomalies_roll_back_past_the_bad_batches(reference, tmp_path, monkeypatch, capsys):
     overrides, _ = reference
     _poison(monkeypatch, {6, 7, 8})
-    result = run(make_config(overrides(tmp_path / "run", anomaly__max_consecutive=3)))
+    result = run(make_config(overrides(tmp_path / "run", anomaly__max_consecutive=3, logging__progress_bar=True)))
+    # The progress bar goes back with the run (it counted on from the abandoned steps, to 16 of 12).
+    counts = [int(n) for n in re.findall(r"(\d+)/12 \[", capsys.readouterr().err)]
+    assert counts[-1] == 12 and max(counts) == 12 and 4 in counts[counts.index(8):], counts
     events = [r for r in result.history if r.get("event") == "rollback"]
     assert events == [{"step": 8, "event": "rollback", "to_step": 4, "skipped_in_a_row": 3}]
     assert result.stop_reason == "completed" and result.step == 12 and result.loop.rollbacks == 1
@@ -779,20 +783,37 @@ def test_the_same_command_after_a_completed_run_changes_nothing(reference, tmp_p
     assert "warning: resuming" not in capsys.readouterr().out  # the same settings: nothing to point out
 
 
-def test_a_resume_with_other_settings_names_each_change(reference, tmp_path, capsys):
+def test_a_resume_with_other_settings_names_each_change(reference, tmp_path, capsys, monkeypatch):
     """A resume takes whatever the command now says (a longer run, another learning rate),
     and config.json was silently replaced by it: a setting changed by mistake went unnoticed."""
     overrides, _ = reference
-    run(make_config(overrides(tmp_path / "run", train__max_steps=2, train__eval_every=0, train__save_every=2)))
+
+    def config(**kw):
+        return make_config(overrides(tmp_path / "run", train__eval_every=0, train__save_every=2, **kw))
+
+    with monkeypatch.context() as m:  # a checkpoint from before LoopState held the config: config.json tells
+        m.setattr(LoopState, "to_json", lambda self: {k: v for k, v in dataclasses.asdict(self).items()
+                                                      if k != "config"})
+        run(config(train__max_steps=2))
     capsys.readouterr()
-    longer = make_config(overrides(tmp_path / "run", train__max_steps=3, train__eval_every=0, train__save_every=2,
-                                   optimizer__lr=1e-3))
-    assert run(longer).step == 3
+    assert run(config(train__max_steps=3, optimizer__lr=1e-3)).step == 3
     out = capsys.readouterr().out
-    assert ("warning: resuming from step 2 with settings other than those the run last started with: "
+    assert ("warning: resuming from step 2 with settings other than those its checkpoint was trained with: "
             "optimizer.lr 0.003 -> 0.001; train.max_steps 2 -> 3 (config.json now holds the new ones).") in out
     with open(tmp_path / "run" / "config.json") as f:
         assert json.load(f)["optimizer"]["lr"] == 1e-3
+    # A start that ended before its first step (Ctrl-C while compiling) rewrote config.json, and
+    # the next start compared with that: here a warning of lr 0.5 -> 0.001 for a run trained at
+    # 0.001 throughout. The checkpoint's own record is compared instead.
+    with open(tmp_path / "run" / "config.json") as f:
+        rewritten = json.load(f)
+    rewritten["optimizer"]["lr"] = 0.5
+    with open(tmp_path / "run" / "config.json", "w") as f:
+        json.dump(rewritten, f)
+    assert run(config(train__max_steps=4, optimizer__lr=1e-3)).step == 4
+    out = capsys.readouterr().out
+    assert ("settings other than those its checkpoint was trained with: train.max_steps 3 -> 4 (config.json now "
+            "holds the new ones).") in out
 
 
 def test_persistent_anomalies_can_stop_the_run(reference, tmp_path, monkeypatch):
@@ -996,24 +1017,6 @@ def test_evaluation_time_is_not_counted_as_training_time(reference, tmp_path, mo
     assert tps[8] > 0.2 * tps[4], tps
 
 
-def _tensorboard_scalars(workdir, tag):
-    """(step, value) of every `tag` scalar in the run's event files (TFRecord framing)."""
-    import struct
-
-    from tensorboardX.proto import event_pb2
-
-    out = []
-    for path in sorted(glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents*"))):
-        data, i = open(path, "rb").read(), 0
-        while i + 12 <= len(data):
-            (n,) = struct.unpack("<Q", data[i:i + 8])
-            event = event_pb2.Event()
-            event.ParseFromString(data[i + 12:i + 12 + n])
-            out += [(event.step, v.simple_value) for v in event.summary.value if v.tag == tag]
-            i += 12 + n + 4
-    return sorted(out)
-
-
 def test_tensorboard_and_wandb_after_a_restart_describe_one_run(reference, tmp_path, monkeypatch):
     import sys
     import types
@@ -1031,11 +1034,11 @@ def test_tensorboard_and_wandb_after_a_restart_describe_one_run(reference, tmp_p
     # What a kill after logging step 6 leaves when the last checkpoint is step 4.
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "6")
     result = run(config)
-    losses = _tensorboard_scalars(tmp_path / "run", "loss")
+    losses = tensorboard_scalars(tmp_path / "run", "loss")
     assert [s for s, _ in losses] == list(range(1, 13))  # each step once: none lost, none doubled
     np.testing.assert_allclose([v for _, v in losses], [train_losses(result.history)[s] for s in range(1, 13)],
                                rtol=1e-6)
-    assert [s for s, _ in _tensorboard_scalars(tmp_path / "run", "eval_loss")] == [4, 8, 12]
+    assert [s for s, _ in tensorboard_scalars(tmp_path / "run", "eval_loss")] == [4, 8, 12]
     assert len(inits) == 2 and inits[0]["id"] is not None and inits[1]["id"] == inits[0]["id"]
     assert inits[1]["resume"] == "allow"
 

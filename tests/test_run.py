@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -13,7 +14,7 @@ from jaxtune.config import apply_override, defaults, load_recipe, settings_witho
 from jaxtune.errors import UserError
 from jaxtune.train import run
 from helpers import edit_config
-from run_helpers import ROOT, make_config, read_metrics, run_py, write_recipe
+from run_helpers import ROOT, make_config, read_metrics, run_py, tensorboard_scalars, write_recipe
 
 
 @pytest.mark.parametrize(
@@ -294,6 +295,17 @@ def test_batch_that_does_not_divide_the_mesh_is_refused(tiny):
         run(make_config(tiny(train__global_batch_size=4)))
     with pytest.raises(UserError, match="mesh data=3 x fsdp=1 x tensor=1 needs 3 devices"):
         run(make_config(tiny(mesh__data=3, mesh__fsdp=1)))
+    # More devices than there are: said so, not "do not divide" (nor "1 devices").
+    from jaxtune.sharding import MeshShape
+
+    with pytest.raises(UserError, match=r"^the mesh axes given need at least 16 devices, but 8 are available\.$"):
+        run(make_config(tiny(mesh__tensor=16)))
+    with pytest.raises(UserError, match=r"^the mesh axes given need at least 2 devices, but 1 is available\.$"):
+        MeshShape(2, -1, 1).resolve(1)
+    with pytest.raises(UserError, match=r"^the mesh axes given \(3 devices\) do not divide the 8 devices available\.$"):
+        MeshShape(3, -1, 1).resolve(8)
+    with pytest.raises(UserError, match=r"^mesh data=2 x fsdp=1 x tensor=1 needs 2 devices, but 1 is available\.$"):
+        MeshShape(2, 1, 1).resolve(1)
 
 
 def test_a_run_writes_config_metrics_tensorboard_and_curves(tiny, tmp_path, capsys):
@@ -544,19 +556,61 @@ def _logger(tmp_path, **logging_overrides):
     from jaxtune.logging import RunLogger
 
     config = make_config({"workdir": str(tmp_path), **{f"logging.{k}": v for k, v in logging_overrides.items()}})
-    return RunLogger(str(tmp_path), config, total_steps=10, start_step=0, history=[], enabled=True)
+    return RunLogger(str(tmp_path), config, total_steps=10, history=[], enabled=True)
 
 
 def test_an_eval_line_keeps_the_train_values_on_the_progress_bar(tmp_path):
     """tqdm's set_postfix replaces the whole postfix: with log_every == eval_every the bar
     showed eval_loss alone and never the loss."""
     log = _logger(tmp_path, progress_bar=True, tensorboard=False)
+    log.start_progress(0)
     log.log({"step": 2, "loss": 2.5, "lr": 1e-5, "tokens_per_sec": 1234.0})
     log.log({"step": 2, "eval_loss": 2.7, "eval_ppl": 14.9})
     assert log.bar.postfix == "loss=2.5, lr=1e-05, tokens_per_sec=1234, eval_loss=2.7"
     log.log({"step": 4, "loss": 2.25, "lr": 2e-5, "tokens_per_sec": None})
     assert log.bar.postfix == "loss=2.25, lr=2e-05, tokens_per_sec=1234, eval_loss=2.7"
     log.close(plot=False)
+
+
+def test_tensorboard_files_hold_each_record_soon_after_it_is_logged(tmp_path):
+    """tensorboardX writes events from a queue and flushed its file every 120 s; the flush
+    after each log line did not wait for the queue, so the file lagged a line behind and a
+    killed run lost its last lines."""
+    from jaxtune.logging import TENSORBOARD_FLUSH_SECS
+
+    log = _logger(tmp_path, progress_bar=False, tensorboard=True)
+    for step, loss in ((1, 2.5), (2, 2.25)):
+        log.log({"step": step, "loss": loss})
+        time.sleep(TENSORBOARD_FLUSH_SECS + 0.5)
+        assert tensorboard_scalars(tmp_path, "loss") == [(s, l) for s, l in ((1, 2.5), (2, 2.25)) if s <= step]
+    log.close(plot=False)
+
+
+def test_the_progress_bar_starts_when_training_does(tiny, monkeypatch, capsys):
+    """Started with the logger, the bar's clock counted data preparation and compilation:
+    its first rate and ETA were minutes off for a run of seconds."""
+    import tqdm
+
+    import jaxtune.train
+
+    events = []
+    compile_steps = jaxtune.train._Loop._compile_steps
+
+    def timed_compile(self):
+        compile_steps(self)
+        events.append(("compiled", time.time()))
+
+    class Bar(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            events.append(("bar", self.start_t))
+
+    monkeypatch.setattr(jaxtune.train._Loop, "_compile_steps", timed_compile)
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    run(make_config(tiny(train__max_steps=2, train__eval_every=0, logging__progress_bar=True)))
+    assert [name for name, _ in events] == ["compiled", "bar"]
+    assert events[1][1] >= events[0][1]
+    assert "2/2 [" in capsys.readouterr().err
 
 
 def test_a_wandb_login_that_fails_is_found_before_the_data_and_before_overwrite_deletes(tiny, monkeypatch):
