@@ -164,6 +164,23 @@ def test_a_checkpoint_that_holds_no_tensors_is_one_error(tmp_path, shards):
         jaxtune.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("pickled", [False, True], ids=["safetensors", "pickle"])
+def test_integer_weights_are_refused_not_cast(tmp_path, pickled):
+    """An int8 tensor of the right shape (a quantized export) was cast to float and trained as
+    if it were the weights."""
+    make_hf_llama(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    state[name] = np.clip(np.round(state[name] * 127 / np.abs(state[name]).max()), -127, 127).astype(np.int8)
+    if pickled:
+        os.remove(tmp_path / "model.safetensors")
+        torch.save({k: torch.from_numpy(v) for k, v in state.items()}, tmp_path / "pytorch_model.bin")
+    else:
+        save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(UserError, match=re.escape(f"tensor {name} is stored as I8, not as floating point; a quantized")):
+        jaxtune.from_pretrained(tmp_path, allow_pickle=pickled)
+
+
 @pytest.mark.parametrize("content", [b"\xff\xfe", b"[]"])
 def test_an_index_that_is_not_utf8_or_not_an_object_is_one_error(tmp_path, content):
     make_hf_llama(tmp_path, max_shard_size="40KB")

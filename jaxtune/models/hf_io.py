@@ -150,6 +150,12 @@ class SafetensorsReader:
             return tuple(self._pickled[name].shape)
         return tuple(self._read(name, lambda h: h.get_slice(name).get_shape()))
 
+    def dtype(self, name: str) -> str:
+        """The stored element type as safetensors names it (F32, BF16, I8, ...)."""
+        if self._pickled is not None:
+            return _TORCH_DTYPE_NAMES.get(str(self._pickled[name].dtype), str(self._pickled[name].dtype))
+        return self._read(name, lambda h: h.get_slice(name).get_dtype())
+
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows start:stop of a tensor, without reading the rest of it."""
         if self._pickled is not None:
@@ -167,6 +173,11 @@ class SafetensorsReader:
 
     def close(self):
         self._handles.clear()
+
+
+_TORCH_DTYPE_NAMES = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16",
+                      "torch.float64": "F64", "torch.int8": "I8", "torch.uint8": "U8"}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 def _safe_open(file: str):
@@ -299,6 +310,12 @@ def _check_layout(reader: SafetensorsReader, abstract_state, config: LlamaConfig
                 raise UserError(
                     f"{reader.path}: tensor {name} has shape {tuple(reader.shape(name))} but config.json implies "
                     f"{tuple(expect)}."
+                )
+            if reader.dtype(name) not in FLOAT_DTYPES:  # cast to float, quantized values are garbage weights
+                raise UserError(
+                    f"{reader.path}: tensor {name} is stored as {reader.dtype(name)}, not as floating point; "
+                    "a quantized checkpoint must be dequantized (saved in float32, float16 or bfloat16) "
+                    "before full fine-tuning."
                 )
         used.update(names)
     if config.tie_word_embeddings and HEAD in available:
