@@ -14,6 +14,7 @@ import importlib.util
 import math
 import os
 import re
+import traceback
 from typing import Callable, Sequence
 
 import ml_collections
@@ -132,9 +133,9 @@ def load_recipe(path: str) -> ml_collections.ConfigDict:
     try:
         config = module.get_config()
     except AttributeError as e:  # assigning a key that does not exist in the locked defaults
-        raise UserError(f"config file {path}: {_unknown_key_message(e)}") from None
+        raise UserError(f"config file {_recipe_line(path, e)}: {_unknown_key_message(e)}") from None
     except TypeError as e:  # ml_collections refuses a value of the wrong type
-        raise UserError(f"config file {path}: {_wrong_type_message(e)}") from None
+        raise UserError(f"config file {_recipe_line(path, e)}: {_wrong_type_message(e)}") from None
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - the recipe's own code failed (a NameError, a bad file read)
@@ -142,6 +143,13 @@ def load_recipe(path: str) -> ml_collections.ConfigDict:
     if not isinstance(config, ml_collections.ConfigDict):
         raise UserError(f"config file {path}: get_config() must return an ml_collections.ConfigDict.")
     return config
+
+
+def _recipe_line(path: str, error: BaseException) -> str:
+    """`path:line` of the recipe's line that raised: ml_collections names only the last key
+    (`lr`, not `optimizer.lr`), which the line makes plain."""
+    lines = [lineno for frame, lineno in traceback.walk_tb(error.__traceback__) if frame.f_code.co_filename == path]
+    return f"{path}:{lines[-1]}" if lines else path
 
 
 def _wrong_type_message(error: TypeError) -> str:

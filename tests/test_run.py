@@ -128,7 +128,8 @@ def test_a_recipe_that_fails_to_run_is_one_clear_error(text, message, tmp_path):
 )
 def test_a_recipe_that_sets_a_misspelt_key_or_a_wrong_type_is_refused(line, message, tmp_path):
     recipe = _recipe(tmp_path, line)
-    with pytest.raises(UserError, match=re.escape(f"config file {recipe}: {message}")):
+    # with the recipe's line: ml_collections names the last key only
+    with pytest.raises(UserError, match=re.escape(f"config file {recipe}:6: {message}")):
         load_recipe(recipe)
 
 
