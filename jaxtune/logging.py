@@ -138,7 +138,7 @@ class RunLogger:
             self.bar.update(steps)
 
     def close(self, plot: bool = True) -> None:
-        if not self.enabled:
+        if not self.enabled or self.file.closed:  # closed already (a stop, then the exception it raised)
             return
         if self.bar is not None:
             self.bar.close()

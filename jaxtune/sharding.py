@@ -72,11 +72,13 @@ class MeshShape:
             if num_devices % known:
                 raise UserError(f"the mesh axes given ({_devices(known)}) do not divide the {_devices(num_devices)} available.")
             sizes[sizes.index(-1)] = num_devices // known
-        if int(np.prod(sizes)) != num_devices:
-            raise UserError(
-                f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "
-                f"{_devices(int(np.prod(sizes)))}, but {available}."
-            )
+        used = int(np.prod(sizes))
+        if used > num_devices:
+            raise UserError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "
+                            f"{_devices(used)}, but {available}.")
+        if used < num_devices:
+            raise UserError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} uses {_devices(used)}, "
+                            f"but a mesh uses all {num_devices} available; set one axis to -1 to fill the rest.")
         return tuple(sizes)
 
 

@@ -148,6 +148,9 @@ def _resolved_config(config, mesh_sizes, settings) -> dict:
     return d
 
 
+COMMAND_ONLY_KEYS = ("workdir", "train.resume", "train.overwrite", "logging.progress_bar")
+
+
 def _changed_settings(previous: dict | None, resolved: dict) -> list[str]:
     """`key old -> new` for each setting of `resolved` (as read back from its JSON, so tuples
     are lists) that differs from `previous`, the settings the resumed checkpoint was trained
@@ -164,6 +167,8 @@ def _changed_settings(previous: dict | None, resolved: dict) -> list[str]:
         return out
 
     before, after = flat(previous), flat(resolved)
+    for key in COMMAND_ONLY_KEYS:  # how this command starts, not how the run trains
+        before.pop(key, None), after.pop(key, None)
     missing = object()
     return [f"{key} {json.dumps(before.get(key))} -> {json.dumps(after.get(key))}"
             for key in sorted(before.keys() | after.keys()) if before.get(key, missing) != after.get(key, missing)]
@@ -187,7 +192,11 @@ def run(config, *, should_stop: Callable[[int], bool] | None = None) -> RunResul
         loop = _Loop(config, should_stop)
     with StopRequest() as stop:
         loop.stop_request = stop
-        return loop.train()
+        try:
+            return loop.train()
+        except BaseException:
+            loop.log.close(plot=False)  # as a stop does (a no-op if it did): no writer thread, no open files
+            raise
 
 
 class _Loop:
@@ -321,7 +330,9 @@ class _Loop:
             # config.json is the last start's, which may have ended before training a step.
             trained_with = self.loop.config if self.loop.config is not None else _read_json(config_path)
             changed_settings = _changed_settings(trained_with, json.loads(text))
-        self.loop.config = json.loads(text)  # checkpointed: what the steps after this start train with
+        # Recorded in the checkpoint once this start trains a step (a start that trains none, and
+        # re-saves the restored step at its end, must not claim it).
+        self._start_config = json.loads(text)
         if distributed.is_main():
             os.makedirs(c.workdir, exist_ok=True)
             with open(config_path, "w") as f:
@@ -331,7 +342,15 @@ class _Loop:
         self.log = RunLogger(c.workdir, c, total_steps=self.total_steps,
                              history=self.loop.history,  # one list: what is logged is checkpointed
                              wandb_id=self.loop.wandb_id)
-        self.log.message(data.report.summary())
+        try:
+            self._announce_and_compile(data.report, opt_settings, changed_settings)
+        except BaseException:  # Ctrl-C while compiling, a compile error: no writer thread left behind
+            self.log.close(plot=False)
+            raise
+
+    def _announce_and_compile(self, data_report, opt_settings, changed_settings) -> None:
+        c = self.config
+        self.log.message(data_report.summary())
         warmup = num_warmup_steps(opt_settings, self.total_steps)
         self.log.message(
             f"{self.model_config.num_params / 1e6:.1f}M parameters on mesh "
@@ -423,6 +442,7 @@ class _Loop:
             batch = to_global_batch(rows, self.mesh, self.config.train.grad_accum_steps)
             self.state, metrics = self.train_step(self.state, batch)
             self.step += 1
+            self.loop.config = self._start_config
             self.loop.epoch, self.loop.batch_index = self.loader.position.epoch, self.loader.position.batch_index
             if pending is not None and self._after_step(*pending):
                 pending = None  # rolled back: this step's metrics belong to the abandoned timeline

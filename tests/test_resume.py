@@ -814,6 +814,18 @@ def test_a_resume_with_other_settings_names_each_change(reference, tmp_path, cap
     out = capsys.readouterr().out
     assert ("settings other than those its checkpoint was trained with: train.max_steps 3 -> 4 (config.json now "
             "holds the new ones).") in out
+    # A start that trains no step but saves the restored one again at its end (it was a stop's,
+    # off the schedule) did record its own settings in that checkpoint.
+    assert run(config(train__max_steps=6, optimizer__lr=1e-3), should_stop=lambda step: step == 5).step == 5
+    assert run(config(train__max_steps=5, optimizer__lr=0.5)).stop_reason == "completed"
+    # How a command starts (another workdir, resume, overwrite, the bar) is not a setting the
+    # checkpoint was trained with: a copied run warned about its new workdir.
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    capsys.readouterr()
+    copied = make_config(overrides(tmp_path / "copy", train__eval_every=0, train__save_every=2, train__max_steps=6,
+                                   optimizer__lr=1e-3, logging__progress_bar=True))
+    assert run(copied).step == 6
+    assert "warning: resuming" not in capsys.readouterr().out
 
 
 def test_persistent_anomalies_can_stop_the_run(reference, tmp_path, monkeypatch):

@@ -294,8 +294,9 @@ def test_batch_that_does_not_divide_the_mesh_is_refused(tiny):
     # 8 fake devices: 4 rows per micro-batch cannot be split over fsdp=8.
     with pytest.raises(UserError, match=r"multiple of the data-parallel size \(mesh.data x mesh.fsdp = 8\)"):
         run(make_config(tiny(train__global_batch_size=4)))
-    with pytest.raises(UserError, match="mesh data=3 x fsdp=1 x tensor=1 needs 3 devices"):
-        run(make_config(tiny(mesh__data=3, mesh__fsdp=1)))
+    with pytest.raises(UserError, match=r"^mesh data=3 x fsdp=1 x tensor=1 uses 3 devices, but a mesh uses all 8 "
+                                         r"available; set one axis to -1 to fill the rest\.$"):
+        run(make_config(tiny(mesh__data=3, mesh__fsdp=1)))  # was "needs 3 devices, but 8 are available"
     # More devices than there are: said so, not "do not divide" (nor "1 devices").
     from jaxtune.sharding import MeshShape
 
@@ -585,6 +586,37 @@ def test_tensorboard_files_hold_each_record_soon_after_it_is_logged(tmp_path):
         time.sleep(TENSORBOARD_FLUSH_SECS + 0.5)
         assert tensorboard_scalars(tmp_path, "loss") == [(s, l) for s, l in ((1, 2.5), (2, 2.25)) if s <= step]
     log.close(plot=False)
+
+
+def test_a_run_that_raises_leaves_no_tensorboard_thread_or_open_log(tiny, monkeypatch):
+    """Only a stop or an anomaly stop closed the logger: any other exception (here from the
+    evaluation) left TensorBoard's writer thread running and metrics.jsonl open, in the
+    process of whoever called `run` (a notebook, a test)."""
+    import threading
+
+    import jaxtune.logging
+    import jaxtune.train
+
+    def writers():
+        return sum(t.is_alive() and type(t).__name__ == "_EventLoggerThread" for t in threading.enumerate())
+
+    opened = []
+    logger_class = jaxtune.logging.RunLogger
+
+    class Logger(logger_class):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            opened.append(self)
+
+    def failing_evaluate(*args, **kwargs):
+        raise RuntimeError("evaluation failed")
+
+    before = writers()
+    monkeypatch.setattr(jaxtune.train, "RunLogger", Logger)
+    monkeypatch.setattr(jaxtune.train, "evaluate", failing_evaluate)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        run(make_config(tiny(train__max_steps=2, train__eval_every=2)))
+    assert writers() == before and len(opened) == 1 and opened[0].file.closed
 
 
 def test_the_progress_bar_starts_when_training_does(tiny, monkeypatch, capsys):
