@@ -70,7 +70,8 @@ class MeshShape:
             if known > num_devices:
                 raise UserError(f"the mesh axes given need at least {_devices(known)}, but {available}.")
             if num_devices % known:
-                raise UserError(f"the mesh axes given ({_devices(known)}) do not divide the {_devices(num_devices)} available.")
+                raise UserError(f"the mesh axes given ({_devices(known)}) do not divide the "
+                                f"{_devices(num_devices)} available.")
             sizes[sizes.index(-1)] = num_devices // known
         used = int(np.prod(sizes))
         if used > num_devices:
