@@ -89,6 +89,9 @@ class RunLogger:
                         name=os.path.basename(os.path.abspath(workdir)), id=wandb_id, resume="allow",
                     )
                 except Exception as e:  # wandb's own error types: no login on a headless host, no network, ...
+                    self.file.close()  # and TensorBoard's writer thread: the caller gets no logger to close
+                    if self.tb is not None:
+                        self.tb.close()
                     raise _wandb_did_not_start(e) from None
         self._progress_bar, self._total_steps = lc.progress_bar, total_steps
 

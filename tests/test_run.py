@@ -588,17 +588,19 @@ def test_tensorboard_files_hold_each_record_soon_after_it_is_logged(tmp_path):
     log.close(plot=False)
 
 
+def _tensorboard_writers() -> int:
+    """tensorboardX's event-writer threads alive in this process."""
+    import threading
+
+    return sum(t.is_alive() and type(t).__name__ == "_EventLoggerThread" for t in threading.enumerate())
+
+
 def test_a_run_that_raises_leaves_no_tensorboard_thread_or_open_log(tiny, monkeypatch):
     """Only a stop or an anomaly stop closed the logger: any other exception (here from the
     evaluation) left TensorBoard's writer thread running and metrics.jsonl open, in the
     process of whoever called `run` (a notebook, a test)."""
-    import threading
-
     import jaxtune.logging
     import jaxtune.train
-
-    def writers():
-        return sum(t.is_alive() and type(t).__name__ == "_EventLoggerThread" for t in threading.enumerate())
 
     opened = []
     logger_class = jaxtune.logging.RunLogger
@@ -611,12 +613,12 @@ def test_a_run_that_raises_leaves_no_tensorboard_thread_or_open_log(tiny, monkey
     def failing_evaluate(*args, **kwargs):
         raise RuntimeError("evaluation failed")
 
-    before = writers()
+    before = _tensorboard_writers()
     monkeypatch.setattr(jaxtune.train, "RunLogger", Logger)
     monkeypatch.setattr(jaxtune.train, "evaluate", failing_evaluate)
     with pytest.raises(RuntimeError, match="evaluation failed"):
         run(make_config(tiny(train__max_steps=2, train__eval_every=2)))
-    assert writers() == before and len(opened) == 1 and opened[0].file.closed
+    assert _tensorboard_writers() == before and len(opened) == 1 and opened[0].file.closed
 
 
 def test_the_progress_bar_starts_when_training_does(tiny, monkeypatch, capsys):
@@ -689,6 +691,8 @@ def test_wandb_that_cannot_start_is_one_clear_error(tmp_path, monkeypatch):
 
     fake.init = init
     monkeypatch.setitem(sys.modules, "wandb", fake)
+    before = _tensorboard_writers()
     with pytest.raises(UserError, match=r"^logging.wandb=True but W&B did not start \(api_key not configured "
                                         r"\(no-tty\)\. call wandb.login\(key=\[your_api_key\]\)\); run `wandb login`"):
-        _logger(tmp_path, wandb=True, tensorboard=False, progress_bar=False)
+        _logger(tmp_path, wandb=True, tensorboard=True, progress_bar=False)
+    assert _tensorboard_writers() == before  # TensorBoard's writer thread was left running
