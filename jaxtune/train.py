@@ -324,15 +324,16 @@ class _Loop:
         self.eval_step = make_eval_step(self.graphdef, step_settings, self.mesh, self.shardings.params)
 
         text = json.dumps(_resolved_config(c, self.mesh.devices.shape, self.data_settings), indent=2)
+        # Read back, as a checkpoint holds it (tuples are lists). Recorded in the checkpoint once
+        # this start trains a step (a start that trains none, and re-saves the restored step at
+        # its end, must not claim it); a rollback is always followed by a step.
+        self._start_config = json.loads(text)
         config_path = os.path.join(c.workdir, "config.json")
         changed_settings = []
         if restored is not None:
             # config.json is the last start's, which may have ended before training a step.
             trained_with = self.loop.config if self.loop.config is not None else _read_json(config_path)
-            changed_settings = _changed_settings(trained_with, json.loads(text))
-        # Recorded in the checkpoint once this start trains a step (a start that trains none, and
-        # re-saves the restored step at its end, must not claim it).
-        self._start_config = json.loads(text)
+            changed_settings = _changed_settings(trained_with, self._start_config)
         if distributed.is_main():
             os.makedirs(c.workdir, exist_ok=True)
             with open(config_path, "w") as f:
@@ -568,7 +569,6 @@ class _Loop:
         restored_loop.rolled_back_to = restored_step
         restored_loop.rolled_back_from = step
         restored_loop.history = self.log.history  # the log keeps what happened before the rollback
-        restored_loop.config = self.loop.config  # this start's settings train on
         self.loop, self.step = restored_loop, restored_step
         self._interval = _Interval(self.loop.interval)
         self.log.message(f"{what}; rolled back to step {restored_step}, data continues past the bad batches")
