@@ -13,9 +13,13 @@ _LAZY = {
 
 def __getattr__(name):
     # Lazy, so that `import jaxtune.host_memory` (run.py's first step, before a possible
-    # re-exec) does not import JAX.
-    if name in _LAZY:
-        import importlib
+    # re-exec) does not import JAX. Submodules too: after a plain `import jaxtune`, the
+    # README's `jaxtune.train.run(...)` and `jaxtune.sharding.param_sharding_fn(...)` work.
+    import importlib
+    import importlib.util
 
+    if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'jaxtune' has no attribute {name!r}")

@@ -306,3 +306,18 @@ def test_unreadable_pickle_weights_are_user_errors(tmp_path, legacy):
     _truncate(tmp_path / "pytorch_model.bin")
     with pytest.raises(UserError, match=r"pytorch_model.bin: cannot read the PyTorch weights file \(.+\)\.$"):
         jaxtune.from_pretrained(tmp_path, allow_pickle=True)
+
+
+def test_a_plain_import_reaches_the_documented_submodules():
+    """The README scripts against `jaxtune.train.run` and `jaxtune.sharding.param_sharding_fn`
+    after `import jaxtune`; a fresh interpreter, since this process imported them already.
+    The import itself must stay free of JAX (run.py may re-exec before JAX starts)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, jaxtune; assert 'jax' not in sys.modules; "
+            "print(callable(jaxtune.train.run), callable(jaxtune.sharding.param_sharding_fn), "
+            "callable(jaxtune.config.load_recipe)); "
+            "print(hasattr(jaxtune, 'no_such_module'), hasattr(jaxtune, '_private'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True", "True", "False", "False"]
