@@ -202,6 +202,7 @@ def run(config, *, should_stop: Callable[[int], bool] | None = None) -> RunResul
 class _Loop:
     def __init__(self, config, should_stop):
         from jaxtune.data import BatchLoader, DataSettings, LoaderPosition, load_tokenizer, prepare_datasets
+        from jaxtune.data.loader import too_few_rows
 
         self.config = c = config
         self.should_stop = should_stop
@@ -247,8 +248,10 @@ class _Loop:
         _check_token_ids(data, self.model_config.vocab_size, self.data_settings.tokenizer_path,
                          len(tokenizer), c.model.hf_path)
         self.eval_rows = data.eval if has_eval_data(c) else None  # some process has rows: prepare_datasets checked
-        self.loader = BatchLoader(data.train, t.global_batch_size // procs, t.seed,
-                                  usable_rows=distributed.global_min(len(data.train)))
+        usable_rows = distributed.global_min(len(data.train))
+        if usable_rows < t.global_batch_size // procs:
+            raise UserError(too_few_rows(usable_rows, t.global_batch_size, procs, self.data_settings.packing))
+        self.loader = BatchLoader(data.train, t.global_batch_size // procs, t.seed, usable_rows=usable_rows)
         self.total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_epochs * self.loader.steps_per_epoch)
         if self.total_steps >= MAX_STEPS:
             raise UserError(f"train.num_epochs={t.num_epochs} makes {self.total_steps:,} steps; the step counters "

@@ -132,16 +132,27 @@ def test_a_recipes_home_relative_paths_are_expanded_as_run_py_expands_them(tmp_p
     assert json.loads(out.read_text())["tokenizer"] == str(tmp_path / "tok")
 
 
-def test_a_recipe_whose_data_fills_no_batch_is_an_error(tmp_path, plain_dir):
-    """run.py refuses data of fewer rows than one batch, after loading the model: the check
-    passed it."""
+@pytest.mark.parametrize("packing", [True, False])
+def test_a_recipe_whose_data_fills_no_batch_is_an_error(tmp_path, run_assets, packing):
+    """Training refuses data of fewer rows than one batch, before loading the model; the check
+    says the same sentence. Turning packing off gives more rows, so only then is it advice."""
+    import jaxtune.train
+    from run_helpers import make_config
+
     data = write_jsonl(tmp_path / "d.jsonl", clean_records(3, seed=5))
-    recipe = write_recipe(tmp_path / "recipe.py", {"model.hf_path": plain_dir, "data.train_files": (data,),
-                                                   "data.eval_fraction": 0.0, "train.global_batch_size": 8})
+    overrides = {"model.hf_path": run_assets.model, "data.train_files": (data,), "data.eval_fraction": 0.0,
+                 "data.packing": packing, "train.global_batch_size": 8, "workdir": str(tmp_path / "run"),
+                 "data.cache_dir": str(tmp_path / "cache"), "logging.progress_bar": False}
     out = tmp_path / "r.json"
-    assert check_data.main(["--config", recipe, "--out", str(out)]) == 1
+    assert check_data.main(["--config", write_recipe(tmp_path / "recipe.py", overrides), "--out", str(out)]) == 1
     kinds = {f["kind"]: f["message"] for f in json.loads(out.read_text())["findings"]}
-    assert "fewer than one batch of train.global_batch_size=8 rows" in kinds["fewer_rows_than_a_batch"]
+    message = kinds["fewer_rows_than_a_batch"]
+    rows = "1 row after packing" if packing else "3 rows"
+    assert message.startswith(f"the training data has {rows}, fewer than one batch of train.global_batch_size=8 rows")
+    assert ("turn off data.packing" in message) == packing
+    with pytest.raises(UserError) as refused:
+        jaxtune.train.run(make_config(overrides))
+    assert str(refused.value) == message
 
 
 @pytest.mark.parametrize("packing", [True, False])

@@ -5,6 +5,7 @@ import pytest
 from data_helpers import WORDS, plain_dir, settings, write_jsonl  # noqa: F401
 
 from jaxtune.data import BatchLoader, LoaderPosition, Rows, iter_eval_batches, load_tokenizer, prepare_datasets
+from jaxtune.data.loader import too_few_rows
 from jaxtune.errors import UserError
 
 
@@ -59,6 +60,10 @@ def test_usable_rows_and_partial_batches():
 def test_loader_errors():
     with pytest.raises(UserError, match="fewer than one batch of 8 rows"):
         BatchLoader(numbered_rows(5), batch_size=8, seed=0)
+    # training's own sentence; one process's view is in test_data_check
+    assert too_few_rows(3, 8, 2, packing=False) == (
+        "the training data has 3 rows on the process with the fewest of the 2, fewer than one batch of 4 rows "
+        "(train.global_batch_size=8 over 2 processes); add data or lower train.global_batch_size.")
     with pytest.raises(UserError, match="saved data position"):
         BatchLoader(numbered_rows(5), batch_size=2, seed=0, position=LoaderPosition(0, 2))
     loader = BatchLoader(numbered_rows(5), batch_size=2, seed=0)

@@ -106,12 +106,12 @@ def main(argv=None) -> int:
     report, samples = check_data(settings, tokenizer, ngram=args.ngram, vocab_size=vocab_size)
     batch = config.train.global_batch_size
     if args.config and report.train.packed_rows < batch:  # what run.py would refuse after loading the model
+        from jaxtune.data.loader import too_few_rows
         from jaxtune.data.quality import Finding
 
         report.findings.append(Finding(
             "error", "fewer_rows_than_a_batch", report.train.packed_rows,
-            f"the training data packs into {report.train.packed_rows:,} rows, fewer than one batch of "
-            f"train.global_batch_size={batch} rows; add data or lower the batch size."))
+            too_few_rows(report.train.packed_rows, batch, 1, settings.packing)))
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     for sample, note in samples[: args.show]:
         trained = sample.num_trained

@@ -29,6 +29,24 @@ def epoch_order(num_rows: int, usable_rows: int, seed: int, epoch: int) -> np.nd
     return rng.permutation(num_rows)[:usable_rows]
 
 
+def too_few_rows(rows: int, global_batch_size: int, process_count: int, packing: bool) -> str:
+    """The sentence for training data that fills no batch, in the settings' words.
+
+    `rows`: the fewest any process has (each process takes its share of one batch)."""
+    packed = " after packing" if packing else ""
+    if process_count > 1:
+        where = f" on the process with the fewest of the {process_count}"
+        batch = f"{global_batch_size // process_count} rows (train.global_batch_size={global_batch_size} over " \
+                f"{process_count} processes)"
+    else:
+        where, batch = "", f"train.global_batch_size={global_batch_size} rows"
+    hint = "add data or lower train.global_batch_size"
+    if packing:
+        hint = "add data, lower train.global_batch_size, or turn off data.packing (it joins examples into fewer rows)"
+    return f"the training data has {rows:,} row{'' if rows == 1 else 's'}{packed}{where}, fewer than one batch of " \
+           f"{batch}; {hint}."
+
+
 class BatchLoader:
     """Rows for this process, `batch_size` at a time; the last partial batch of an epoch is dropped."""
 
@@ -45,11 +63,8 @@ class BatchLoader:
         usable = len(rows) if usable_rows is None else usable_rows
         if not 0 <= usable <= len(rows):
             raise ValueError(f"usable_rows {usable_rows} is not in [0, {len(rows)}]")
-        if usable < batch_size:
-            raise UserError(
-                f"the training data has {usable:,} rows (per process), fewer than one batch of {batch_size} rows; "
-                "add data, lower train.global_batch_size, or turn off data.packing."
-            )
+        if usable < batch_size:  # training checks first, with the words of its settings
+            raise UserError(f"the data has {usable:,} rows, fewer than one batch of {batch_size} rows.")
         self.rows = rows
         self.batch_size = batch_size
         self.seed = seed
