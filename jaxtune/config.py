@@ -315,6 +315,9 @@ def settings_without_effect(config) -> list[str]:
         (t.max_steps > 0, f"train.max_steps={t.max_steps} sets the run's length", ("train.num_epochs",)),
         (o.warmup_steps > 0, f"optimizer.warmup_steps={o.warmup_steps} sets the warmup", ("optimizer.warmup_ratio",)),
         (not config.logging.wandb, "logging.wandb=False", ("logging.wandb_project",)),
+        (bool(config.data.eval_files) and config.data.eval_fraction > 0,
+         "data.eval_files is set (a held-out fraction is used only without eval files)", ("data.eval_fraction",)),
+        (config.anomaly.spike_factor == 0, "anomaly.spike_factor=0 (no spike test)", ("anomaly.window",)),
     )
     reference = defaults()
     sentences = []

@@ -217,6 +217,12 @@ def test_a_home_relative_workdir_model_path_and_data_files_are_expanded(tiny, ru
     ({"logging.wandb_project": "mine"}, ["logging.wandb=False, so this setting changes nothing: "
                                          "logging.wandb_project=mine."]),
     ({"logging.wandb_project": "mine", "logging.wandb": True}, []),
+    ({"data.eval_files": ("e.jsonl",), "data.eval_fraction": 0.2},
+     ["data.eval_files is set (a held-out fraction is used only without eval files), so this setting changes "
+      "nothing: data.eval_fraction=0.2."]),
+    ({"anomaly.window": 64}, ["anomaly.spike_factor=0 (no spike test), so this setting changes nothing: "
+                              "anomaly.window=64."]),
+    ({"anomaly.window": 64, "anomaly.spike_factor": 3.0}, []),
 ])
 def test_settings_that_another_setting_makes_unread_are_named(overrides, sentences):
     """A key that exists changes behaviour, or the run says it does not."""
