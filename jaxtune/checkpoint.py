@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 
 from jaxtune import distributed
 from jaxtune.errors import UserError
-from jaxtune.state import LoopState, TrainState
+from jaxtune.state import LoopState, TrainState, resized_window
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
 TRASH = ".deleted"  # Orbax renames a step here to delete it (todelete_subdir)
@@ -117,7 +117,6 @@ def _empty_trash(directory, removals: list[threading.Thread]) -> None:
 _SETTINGS_BEHIND = {  # the first field of a TrainState path -> the settings that shape it
     "params": " (model.hf_path or model.param_dtype changed?)",
     "opt_state": " (an optimizer setting changed? e.g. optimizer.max_grad_norm 0 vs > 0)",
-    "loss_window": " (anomaly.window changed?)",
 }
 
 
@@ -195,11 +194,34 @@ class Checkpointer:
         return [s for s in self.steps() if not self.retention.marked(s, AT_STOP)]
 
     def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, LoopState]:
+        """The state at `step` in `abstract_state`'s shardings. The anomaly guard's window is
+        read at its saved length and resized (`resized_window`): `anomaly.window` may change
+        between starts."""
+        wanted = abstract_state.loss_window
+        saved_length = self._saved_window_length(step)
+        target = abstract_state
+        if saved_length not in (None, wanted.shape[0]):
+            target = abstract_state.replace(
+                loss_window=jax.ShapeDtypeStruct((saved_length,), wanted.dtype, sharding=wanted.sharding))
         restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), loop=ocp.args.JsonRestore()),
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), loop=ocp.args.JsonRestore()),
         )
-        return restored.state, LoopState.from_json(restored.loop)
+        state = restored.state
+        if state.loss_window.shape != wanted.shape:
+            resize = jax.jit(resized_window, static_argnums=1, out_shardings=wanted.sharding)
+            state = state.replace(loss_window=resize(state.loss_window, wanted.shape[0]))
+        return state, LoopState.from_json(restored.loop)
+
+    def _saved_shapes(self, step: int) -> dict | None:
+        """`_shapes` of the state saved at `step`; None if its metadata cannot be read."""
+        try:
+            return _shapes(self.manager.item_metadata(step)["state"])
+        except Exception:  # noqa: BLE001 - unreadable metadata: left to the restore's corruption handling
+            return None
+
+    def _saved_window_length(self, step: int) -> int | None:
+        shape_dtype = (self._saved_shapes(step) or {}).get(("loss_window",))
+        return None if shape_dtype is None else shape_dtype[0][0]
 
     def restore_latest(self, abstract_state: TrainState, log=print):
         """(step, state, loop) of the newest readable checkpoint, or None if there is none.
@@ -274,14 +296,16 @@ class Checkpointer:
     def _config_change(self, step: int, abstract_state: TrainState) -> str | None:
         """What differs between the arrays saved at `step` and `abstract_state`, in words;
         None when they agree or the metadata cannot be read (then the restore will tell)."""
-        try:
-            saved = _shapes(self.manager.item_metadata(step)["state"])
-        except Exception:  # noqa: BLE001 - unreadable metadata: left to the restore's corruption handling
+        saved = self._saved_shapes(step)
+        if saved is None:
             return None
         expected = _shapes(abstract_state)
+        if ("loss_window",) in saved and ("loss_window",) in expected:  # any length resumes (`restore`)
+            del saved[("loss_window",)], expected[("loss_window",)]
         if not saved or saved == expected:
             return None
-        for path in sorted(set(saved) | set(expected)):
+        # Parameters first: they shape the optimizer state too, whose hint would mislead.
+        for path in sorted(set(saved) | set(expected), key=lambda path: (path[0] != "params", path)):
             if saved.get(path) != expected.get(path):
                 name = ".".join(path)
                 hint = _SETTINGS_BEHIND.get(path[0], "")

@@ -39,6 +39,14 @@ class TrainState:
         )
 
 
+def resized_window(window: jax.Array, length: int) -> jax.Array:
+    """The newest `length` losses of `window`, NaN in front where it has fewer: a run
+    resumed with another `anomaly.window` keeps what it knows, and the guard waits as usual
+    until the window is full."""
+    kept = min(window.shape[0], length)
+    return jnp.full((length,), jnp.nan, window.dtype).at[length - kept:].set(window[window.shape[0] - kept:])
+
+
 @dataclasses.dataclass
 class EarlyStoppingState:
     """As transformers' EarlyStoppingCallback: an evaluation resets the patience counter when

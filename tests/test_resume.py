@@ -901,16 +901,48 @@ def test_a_config_change_is_named_and_never_taken_for_corruption(reference, tmp_
     run(make_config(overrides(tmp_path / "run", train__save_every=2)), should_stop=lambda step: step == 4)
     ckpts = tmp_path / "run" / "checkpoints"
     before = sorted(os.listdir(ckpts))
-    changed = make_config(overrides(tmp_path / "run", anomaly__window=16, checkpoint__on_corrupt=on_corrupt))
-    with pytest.raises(UserError, match=re.escape(
-            "checkpoints/4 was written with another configuration: loss_window is float32[32] there and "
-            "float32[16] here (anomaly.window changed?)")):
+    changed = make_config(overrides(tmp_path / "run", model__param_dtype="bfloat16", checkpoint__on_corrupt=on_corrupt))
+    with pytest.raises(UserError, match=r"checkpoints/4 was written with another configuration: params\..* is "
+                                        r"float32\[.*\] there and bfloat16\[.*\] here \(model.hf_path or "
+                                        r"model.param_dtype changed\?\)"):
         run(changed)
     no_clip = make_config(overrides(tmp_path / "run", optimizer__max_grad_norm=0.0, checkpoint__on_corrupt=on_corrupt))
     with pytest.raises(UserError, match=r"written with another configuration: opt_state\..* \(an optimizer setting"):
         run(no_clip)
     assert sorted(os.listdir(ckpts)) == before  # nothing set aside
     assert run(make_config(overrides(tmp_path / "run"))).step == 12  # the original config resumes
+
+
+def test_a_resume_with_another_anomaly_window_continues(reference, tmp_path, capsys):
+    """The guard's window is part of the state, so a changed `anomaly.window` used to refuse
+    the resume; it now keeps the newest losses (below). With the guard's spike test off the
+    window decides nothing, so the run continues exactly as the uninterrupted one."""
+    overrides, ref = reference
+    run(make_config(overrides(tmp_path / "run")), should_stop=lambda step: step == 4)
+    resumed = run(make_config(overrides(tmp_path / "run", anomaly__window=16)))
+    assert resumed.step == 12 and _comparable(resumed.history) == _comparable(ref.history)
+    assert "anomaly.window 32 -> 16" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("length", [8, 2])
+def test_a_restored_window_of_another_length_keeps_the_newest_losses(tmp_path, length):
+    from jaxtune.state import TrainState
+
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    losses = np.full(4, np.nan, np.float32)
+    losses[1:] = [3.0, 2.0, 1.0]  # three applied steps, oldest first
+    zero = np.zeros((), np.int32)
+    state = TrainState(step=zero, applied=zero, params={"w": np.ones(3, np.float32)}, opt_state=(),
+                       loss_window=losses, skipped=zero, consecutive_skipped=zero)
+    ckpt = Checkpointer(str(tmp_path / "w"), keep=1, keep_best=1, metric="eval_loss", greater_is_better=False)
+    ckpt.save(3, jax.device_put(state, device), LoopState())
+    ckpt.manager.wait_until_finished()
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype, sharding=device), state)
+    abstract = abstract.replace(loss_window=jax.ShapeDtypeStruct((length,), np.float32, sharding=device))
+    step, restored, _ = ckpt.restore_latest(abstract)
+    expected = {8: [np.nan] * 5 + [3.0, 2.0, 1.0], 2: [2.0, 1.0]}[length]
+    np.testing.assert_array_equal(np.asarray(restored.loss_window), np.array(expected, np.float32))
+    assert step == 3 and restored.loss_window.sharding == device
 
 
 def test_resuming_with_another_order_of_batches_is_refused(reference, tmp_path):
