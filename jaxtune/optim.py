@@ -50,16 +50,19 @@ def lr_schedule(s: OptimizerSettings, total_steps: int) -> optax.Schedule:
     decay_steps = max(1, total_steps - warmup)
 
     def schedule(step):
-        step = jnp.asarray(step, jnp.float32)
-        warm = step / max(1, warmup)
-        progress = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
+        # The decay is written in the steps left (counted in integers), not as 1 - progress:
+        # in float32 that difference loses the last steps' rates of a long run (cosine's
+        # last ~15 of 200k were 0).
+        step = jnp.asarray(step)
+        left = jnp.clip((warmup + decay_steps - step).astype(jnp.float32) / decay_steps, 0.0, 1.0)
         if s.schedule == "linear":
-            decay = 1.0 - progress
+            decay = left
         elif s.schedule == "cosine":
-            decay = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+            decay = jnp.sin(0.5 * jnp.pi * left) ** 2  # = (1 + cos(pi * progress)) / 2
         else:
-            decay = jnp.ones_like(progress)
+            decay = jnp.ones_like(left)
         decayed = s.min_lr_ratio + (1.0 - s.min_lr_ratio) * decay
+        warm = step.astype(jnp.float32) / max(1, warmup)
         return s.lr * jnp.where(step < warmup, warm, decayed)
 
     return schedule
