@@ -111,11 +111,13 @@ class DataOrder:
 
     def changes_from(self, saved: "DataOrder") -> list[str]:
         names = {"global_batch_size": "train.global_batch_size", "seed": "train.seed",
-                 "rows": "the number of training rows (data or data settings)",
-                 "processes": "the number of processes"}
+                 "processes": "the number of processes",
+                 "rows": "the number of training rows (data or data settings)"}
+        if saved.processes is not None and saved.processes != self.processes:
+            del names["rows"]  # each process packs its own share: the rows differ with the count alone
         changes = [f"{names[f]} was {getattr(saved, f)}, now {getattr(self, f)}"
                    for f in names if getattr(saved, f) is not None and getattr(saved, f) != getattr(self, f)]
-        if saved.train_rows is not None and saved.train_rows != self.train_rows:
+        if "rows" in names and saved.train_rows is not None and saved.train_rows != self.train_rows:
             changes.append("the training rows' content differs (data, tokenizer or data settings)")
         return changes
 

@@ -1095,3 +1095,9 @@ def test_the_batch_order_of_old_checkpoints_and_of_another_process_count():
     assert DataOrder(8, 0, 1450, 2).changes_from(old.data_order) == []
     assert DataOrder(8, 0, 1450, 1).changes_from(DataOrder(8, 0, 1450, 2)) == ["the number of processes was 2, now 1"]
     assert DataOrder(8, 0, 1450, 2, "ab").changes_from(old.data_order) == []  # content unknown there too
+    # Another process count packs other rows and another digest: that is its only reason, not "the data".
+    assert DataOrder(8, 0, 1460, 2, "cd").changes_from(DataOrder(8, 0, 1450, 1, "ab")) == [
+        "the number of processes was 1, now 2"]
+    assert DataOrder(8, 0, 1460, 2, "cd").changes_from(DataOrder(8, 0, 1450, 2, "ab")) == [
+        "the number of training rows (data or data settings) was 1450, now 1460",
+        "the training rows' content differs (data, tokenizer or data settings)"]
