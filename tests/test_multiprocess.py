@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from data_helpers import plain_dir, write_jsonl  # noqa: F401
+from data_helpers import llama3_dir, plain_dir, write_jsonl  # noqa: F401
 from run_helpers import ROOT, read_metrics, write_recipe
 
 pytestmark = pytest.mark.slow
@@ -156,6 +156,53 @@ def test_whether_a_split_was_all_dropped_is_decided_by_every_process_together(tm
     assert errors[0] == errors[1] == [
         "error: all 1 train sample(s) in process 1's slice of 2 were dropped (1 longer than data.max_seq_len=16); "
         "raise data.max_seq_len, use data.truncation=truncate, or fix the data."]
+
+
+def test_a_bad_record_in_one_process_share_stops_every_process_with_its_message(tmp_path, llama3_dir):
+    """Only the process whose share holds a record the chat template cannot render finds it: it
+    stopped alone, and the other waited in its next collective until gloo gave up (a traceback,
+    exit 1, and no word of the record), or, when process 0 stopped, died of SIGABRT."""
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    bad = {"messages": [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "hi"}]}
+    files = {"good": [good] * 4,
+             "one": [good, bad, good, good],  # record 1: process 1's share
+             "two": [good, good, bad, good],  # record 2: process 0's
+             "both": [good, good, good, bad, bad],  # records 3 (process 1's) and 4 (0's): 3 comes first
+             "eval": [good, good, bad]}
+    for name, records in files.items():
+        write_jsonl(tmp_path / f"{name}.jsonl", records)
+    cases = [("one", None, "one.jsonl:2:"), ("two", None, "two.jsonl:3:"), ("both", None, "both.jsonl:4:"),
+             ("good", "eval", "eval.jsonl:3:")]
+    script = tmp_path / "prepare.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
+        from jaxtune import distributed
+        distributed.init()
+        import jax
+        from data_helpers import settings
+        from jaxtune.data import load_tokenizer, prepare_datasets
+        from jaxtune.errors import UserError
+        tok = load_tokenizer({llama3_dir!r})
+        kw = dict(process_index=jax.process_index(), process_count=2, log=lambda m: None, gather=distributed.gather)
+        path = lambda name: {str(tmp_path)!r} + "/" + name + ".jsonl"
+        for train, evals, _ in {cases!r}:
+            try:
+                prepare_datasets(settings(path(train), {llama3_dir!r}, eval_files=(path(evals),) if evals else ()),
+                                 tok, **kw)
+                print("error: none")
+            except UserError as e:
+                print("error:", e)
+        print("done")
+    """))
+    results = _two_processes([sys.executable, str(script)], timeout=180)
+    _assert_ok(results)
+    errors = [[line for line in out.splitlines() if line.startswith("error:")] for _, out in results]
+    assert errors[0] == errors[1], errors
+    assert len(errors[0]) == len(cases) and all("done" in out for _, out in results)
+    for error, (_, _, where) in zip(errors[0], cases):
+        assert where in error and "the conversation starts with an assistant turn" in error, error
+        assert error.endswith("set data.on_bad_record=skip to skip bad records."), error
 
 
 def test_two_process_run_saves_evaluates_and_resumes(tiny, tmp_path):

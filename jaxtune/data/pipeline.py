@@ -3,7 +3,8 @@
 Every process parses and validates every record (cheap), so a bad record stops all hosts
 with the same message and the eval hold-out is the same everywhere; each process then
 renders, tokenizes and packs only its own slice (the expensive part): record i of a split
-belongs to process i % process_count.
+belongs to process i % process_count. What only a slice shows (a conversation the chat
+template cannot render, a split with nothing left) is decided together, in one collective.
 """
 
 from __future__ import annotations
@@ -104,12 +105,17 @@ def prepare_datasets(
     if eval_files:
         report.add_empty_trained(eval_samples)
     encoder = SampleEncoder(tokenizer, train_on_prompt=settings.train_on_prompt, eos_ids=eos_ids)
-    train_rows = _build(train_samples[process_index::process_count], encoder, settings, report.train, on_skip)
+    share = slice(process_index, None, process_count)
+    train_rows, first_bad = _build(train_samples[share], encoder, settings, report.train, on_skip)
     eval_rows = None
-    if eval_samples is not None:
+    if eval_samples is not None and first_bad is None:
         report.eval = SplitStats()
-        eval_rows = _build(eval_samples[process_index::process_count], encoder, settings, report.eval, on_skip)
-    check_not_all_dropped(report, settings, gather)
+        eval_rows, eval_bad = _build(eval_samples[share], encoder, settings, report.eval, on_skip)
+        if eval_bad is not None:
+            first_bad = _FirstBad(1, eval_bad.index, eval_bad.message)
+    if first_bad is not None:  # its index in this process's share -> in the split
+        first_bad = dataclasses.replace(first_bad, index=first_bad.index * process_count + process_index)
+    check_not_all_dropped(report, settings, gather, first_bad)
 
     if settings.cache_dir:
         try:
@@ -151,16 +157,32 @@ def truncate(sample: TokenizedSample, settings: DataSettings, stats: SplitStats)
     return sample
 
 
+@dataclasses.dataclass(frozen=True)
+class _FirstBad:
+    """A record the chat template could not render, with data.on_bad_record=error: only the
+    process whose share holds it finds it, so the processes agree on the first one
+    (`check_not_all_dropped`) and all stop with its message."""
+
+    split: int  # 0 train, 1 eval: train is read first, as one process would
+    index: int  # in the split's records (in this process's share until `prepare_datasets` maps it)
+    message: str
+
+
 def _build(
     samples: Sequence[Sample], encoder: SampleEncoder, settings: DataSettings, stats: SplitStats, on_skip
-) -> Rows:
+) -> tuple[Rows, _FirstBad | None]:
+    """This share's rows; with on_bad_record=error, stops at its first bad record and returns it
+    instead of raising (see `_FirstBad`)."""
     stats.records = len(samples)
     kept: list[TokenizedSample] = []
     for start in range(0, len(samples), ENCODE_BATCH):
-        for result in encoder.encode(samples[start:start + ENCODE_BATCH]):
+        for offset, result in enumerate(encoder.encode(samples[start:start + ENCODE_BATCH])):
             if isinstance(result, BadRecord):
                 stats.bad_records += 1
-                handle_bad(result, settings.on_bad_record, on_skip)
+                try:
+                    handle_bad(result, settings.on_bad_record, on_skip)
+                except UserError as e:  # on_bad_record=error
+                    return Rows.padding(0, settings.max_seq_len), _FirstBad(0, start + offset, str(e))
                 continue
             sample = truncate(result, settings, stats)
             if sample is not None:
@@ -170,7 +192,7 @@ def _build(
     stats.rows = len(rows)
     stats.tokens = rows.num_tokens
     stats.trained_tokens = rows.num_trained_tokens
-    return rows
+    return rows, None
 
 
 def _check_not_empty(read: ReadResult, key: str) -> None:
@@ -182,12 +204,29 @@ def _check_not_empty(read: ReadResult, key: str) -> None:
 _COUNTED = ("records", "samples", "dropped_too_long", "dropped_no_trained_tokens", "bad_records")
 
 
-def check_not_all_dropped(report: DataReport, settings: DataSettings, gather=None) -> None:
+_MESSAGE_BYTES = 2048  # of a bad record's message, gathered from every process
+
+
+def check_not_all_dropped(report: DataReport, settings: DataSettings, gather=None,
+                          first_bad: _FirstBad | None = None) -> None:
     """Every process needs training samples (it feeds its own devices' rows); an eval set needs
-    a sample on some process (`evaluate` gives a process without any padding-only batches)."""
+    a sample on some process (`evaluate` gives a process without any padding-only batches).
+    A bad record found by any process (`_FirstBad`) stops them all, first. One collective, which
+    every process makes whether its data came from the cache or not."""
     splits = (report.train, report.eval or SplitStats())
-    mine = np.array([[getattr(stats, f) for f in _COUNTED] for stats in splits], np.int64)  # [split, field]
-    every = np.asarray(gather(mine) if gather else mine[None]).reshape(-1, len(splits), len(_COUNTED))
+    counts = np.array([[getattr(stats, f) for f in _COUNTED] for stats in splits], np.int64)  # [split, field]
+    bad = np.zeros(3 + _MESSAGE_BYTES, np.int64)  # found?, split, index, message bytes
+    if first_bad is not None:
+        text = first_bad.message.encode()[:_MESSAGE_BYTES]
+        bad[:3] = (1, first_bad.split, first_bad.index)
+        bad[3:3 + len(text)] = np.frombuffer(text, np.uint8)
+    mine = np.concatenate([counts.ravel(), bad])
+    gathered = np.asarray(gather(mine) if gather else mine[None]).reshape(-1, mine.size)
+    found = [row[counts.size:] for row in gathered if row[counts.size]]
+    if found:
+        first = min(found, key=lambda b: (b[1], b[2]))
+        raise UserError(bytes(first[3:].astype(np.uint8)).rstrip(b"\0").decode(errors="replace"))
+    every = gathered[:, :counts.size].reshape(-1, len(splits), len(_COUNTED))
     empty = np.flatnonzero(every[:, 0, 1] == 0)
     if empty.size:
         proc = int(empty[0])
