@@ -18,7 +18,7 @@ import traceback
 import jax
 import numpy as np
 
-from jaxtune.errors import UserError
+from jaxtune.errors import UserError, message_codes, message_from_codes
 
 _MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
 
@@ -118,3 +118,12 @@ def any_and_sum(flag: bool, count: int) -> tuple[bool, int]:
     """(any process's flag, the sum of every process's count) in one collective."""
     gathered = gather(np.asarray([int(bool(flag)), int(count)], np.int64)).reshape(-1, 2)
     return bool(gathered[:, 0].any()), int(gathered[:, 1].sum())
+
+
+def first_message(message: str | None) -> str | None:
+    """The first process's (in process order) non-empty `message`, on every process: a check
+    that only one process makes (a login) stops all of them with its words, together."""
+    for codes in gather(message_codes(message)):
+        if (found := message_from_codes(codes)) is not None:
+            return found
+    return None

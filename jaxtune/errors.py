@@ -12,6 +12,10 @@ import contextlib
 import os
 import sys
 
+import numpy as np
+
+MESSAGE_BYTES = 2048  # of a message sent to every process (`message_codes`)
+
 
 class UserError(Exception):
     """An error the user can fix; its message is the whole report."""
@@ -36,3 +40,18 @@ def check_local_dir(path, what: str) -> None:
                         f"({os.path.dirname(os.path.abspath(path))}).")
     if not os.path.isdir(path):
         raise UserError(f"{what} directory {path} does not exist (jaxtune never downloads from a hub).")
+
+
+def message_codes(message: str | None, size: int = MESSAGE_BYTES) -> np.ndarray:
+    """`message` as `size` int64 byte codes (UTF-8, zero-padded; all zeros for None), so that
+    a collective can send it from the one process that found a problem to all the others."""
+    codes = np.zeros(size, np.int64)
+    if message:
+        text = message.encode()[:size]
+        codes[:len(text)] = np.frombuffer(text, np.uint8)
+    return codes
+
+
+def message_from_codes(codes: np.ndarray) -> str | None:
+    text = bytes(np.asarray(codes).astype(np.uint8)).rstrip(b"\0")
+    return text.decode(errors="replace") if text else None

@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 
+from jaxtune import distributed
 from jaxtune.errors import UserError
 
 
@@ -24,8 +25,20 @@ def check_wandb_login(config) -> None:
     """W&B's usual failure, no API key on a headless host, found before the data and the
     weights: found when the logger starts, it cost all that work and came after
     `train.overwrite` had deleted the previous run's checkpoints."""
-    if not config.logging.wandb or jax.process_index() != 0:
+    if not config.logging.wandb:
         return
+    problem = None
+    if jax.process_index() == 0:  # the only process that logs; every process stops with its error
+        try:
+            _wandb_login()
+        except UserError as e:
+            problem = str(e)
+    problem = distributed.first_message(problem)
+    if problem:
+        raise UserError(problem)
+
+
+def _wandb_login() -> None:
     if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
         return  # no login needed
     try:

@@ -119,15 +119,9 @@ def test_from_pretrained_without_a_sharding_works_on_every_process(run_assets, t
     assert len(lines[0]) == 1 and lines[0] == lines[1]
 
 
-def test_whether_a_split_was_all_dropped_is_decided_by_every_process_together(tmp_path, plain_dir):
-    """Each process judged its own slice: an eval set whose only good record was process 0's
-    stopped process 1 (while the set as a whole was usable), and process 0 then waited in its
-    next collective until gloo gave up, with a traceback."""
-    long_text = {"text": "the quick brown fox jumps " * 20}  # dropped: longer than max_seq_len
-    data = {"train": [{"text": "hello world"}, {"text": "good morning"}], "eval": [{"text": "hi there"}, long_text],
-            "bad_train": [{"text": "hello world"}, long_text]}
-    for name, records in data.items():
-        write_jsonl(tmp_path / f"{name}.jsonl", records)
+def _preparing_script(tmp_path, tokenizer_dir: str, body: str):
+    """A script that prepares data as one of two processes: `body` has `settings`, `tok`,
+    `prepare_datasets`, `UserError` and `kw` (this process's arguments) at hand."""
     script = tmp_path / "prepare.py"
     script.write_text(textwrap.dedent(f"""
         import sys
@@ -138,8 +132,22 @@ def test_whether_a_split_was_all_dropped_is_decided_by_every_process_together(tm
         from data_helpers import settings
         from jaxtune.data import load_tokenizer, prepare_datasets
         from jaxtune.errors import UserError
-        tok = load_tokenizer({plain_dir!r})
+        tok = load_tokenizer({tokenizer_dir!r})
         kw = dict(process_index=jax.process_index(), process_count=2, log=lambda m: None, gather=distributed.gather)
+    """) + textwrap.dedent(body))
+    return script
+
+
+def test_whether_a_split_was_all_dropped_is_decided_by_every_process_together(tmp_path, plain_dir):
+    """Each process judged its own slice: an eval set whose only good record was process 0's
+    stopped process 1 (while the set as a whole was usable), and process 0 then waited in its
+    next collective until gloo gave up, with a traceback."""
+    long_text = {"text": "the quick brown fox jumps " * 20}  # dropped: longer than max_seq_len
+    data = {"train": [{"text": "hello world"}, {"text": "good morning"}], "eval": [{"text": "hi there"}, long_text],
+            "bad_train": [{"text": "hello world"}, long_text]}
+    for name, records in data.items():
+        write_jsonl(tmp_path / f"{name}.jsonl", records)
+    script = _preparing_script(tmp_path, plain_dir, f"""
         got = prepare_datasets(settings({str(tmp_path / "train.jsonl")!r}, {plain_dir!r}, max_seq_len=16,
                                truncation="drop", eval_files=({str(tmp_path / "eval.jsonl")!r},)), tok, **kw)
         print("eval samples", got.report.eval.samples)
@@ -148,7 +156,7 @@ def test_whether_a_split_was_all_dropped_is_decided_by_every_process_together(tm
                                       truncation="drop"), tok, **kw)
         except UserError as e:
             print("error:", e)
-    """))
+    """)
     results = _two_processes([sys.executable, str(script)], timeout=120)
     _assert_ok(results)
     assert "eval samples 1" in results[0][1] and "eval samples 0" in results[1][1]
@@ -173,18 +181,7 @@ def test_a_bad_record_in_one_process_share_stops_every_process_with_its_message(
         write_jsonl(tmp_path / f"{name}.jsonl", records)
     cases = [("one", None, "one.jsonl:2:"), ("two", None, "two.jsonl:3:"), ("both", None, "both.jsonl:4:"),
              ("good", "eval", "eval.jsonl:3:")]
-    script = tmp_path / "prepare.py"
-    script.write_text(textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
-        from jaxtune import distributed
-        distributed.init()
-        import jax
-        from data_helpers import settings
-        from jaxtune.data import load_tokenizer, prepare_datasets
-        from jaxtune.errors import UserError
-        tok = load_tokenizer({llama3_dir!r})
-        kw = dict(process_index=jax.process_index(), process_count=2, log=lambda m: None, gather=distributed.gather)
+    script = _preparing_script(tmp_path, llama3_dir, f"""
         path = lambda name: {str(tmp_path)!r} + "/" + name + ".jsonl"
         for train, evals, _ in {cases!r}:
             try:
@@ -194,7 +191,7 @@ def test_a_bad_record_in_one_process_share_stops_every_process_with_its_message(
             except UserError as e:
                 print("error:", e)
         print("done")
-    """))
+    """)
     results = _two_processes([sys.executable, str(script)], timeout=180)
     _assert_ok(results)
     errors = [[line for line in out.splitlines() if line.startswith("error:")] for _, out in results]
@@ -256,3 +253,21 @@ def test_when_one_process_dies_the_other_exits_promptly(tiny, tmp_path):
     out = logs[0].read()
     assert returncode == 1 and waited < 30, (returncode, waited, out[-3000:])
     assert "error: process 0 of 2 failed; exiting without waiting for the others" in out
+
+
+def test_wandb_that_cannot_log_in_stops_every_process_with_its_message(tiny, tmp_path, monkeypatch):
+    """Only process 0 logs to W&B, so only it checked the login: it stopped with the error, and
+    process 1 died of SIGABRT with a native stack dump when the coordinator went away."""
+    fake = tmp_path / "fake" / "wandb"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("def login(verify=False):\n"
+                                      "    raise RuntimeError('api_key not configured (no-tty)')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fake"))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    recipe = write_recipe(tmp_path / "recipe.py", tiny(**{"logging.wandb": True}))
+    results = _two_processes([sys.executable, os.path.join(ROOT, "run.py"), "--config", recipe], timeout=120)
+    expected = ("error: logging.wandb=True but W&B did not start (api_key not configured (no-tty)); run `wandb "
+                "login`, set WANDB_MODE=offline, or set logging.wandb=False.")
+    for i, (rc, out) in enumerate(results):
+        assert rc == 2 and out.strip().splitlines()[-1] == expected, f"process {i} exited {rc}:\n{out[-3000:]}"
+        assert "Traceback" not in out

@@ -24,7 +24,7 @@ from jaxtune.data.rows import Rows
 from jaxtune.data.samples import ReadResult, handle_bad, read_samples
 from jaxtune.data.settings import DataSettings
 from jaxtune.data.tokenize import SampleEncoder, TokenizedSample, eos_token_ids
-from jaxtune.errors import UserError
+from jaxtune.errors import UserError, message_codes, message_from_codes
 
 ENCODE_BATCH = 1024  # samples per batched template render and tokenizer call
 _HOLDOUT_STREAM = 0x5EED_E7A1  # keeps the hold-out draw apart from the loader's shuffles
@@ -204,9 +204,6 @@ def _check_not_empty(read: ReadResult, key: str) -> None:
 _COUNTED = ("records", "samples", "dropped_too_long", "dropped_no_trained_tokens", "bad_records")
 
 
-_MESSAGE_BYTES = 2048  # of a bad record's message, gathered from every process
-
-
 def check_not_all_dropped(report: DataReport, settings: DataSettings, gather=None,
                           first_bad: _FirstBad | None = None) -> None:
     """Every process needs training samples (it feeds its own devices' rows); an eval set needs
@@ -215,17 +212,12 @@ def check_not_all_dropped(report: DataReport, settings: DataSettings, gather=Non
     every process makes whether its data came from the cache or not."""
     splits = (report.train, report.eval or SplitStats())
     counts = np.array([[getattr(stats, f) for f in _COUNTED] for stats in splits], np.int64)  # [split, field]
-    bad = np.zeros(3 + _MESSAGE_BYTES, np.int64)  # found?, split, index, message bytes
-    if first_bad is not None:
-        text = first_bad.message.encode()[:_MESSAGE_BYTES]
-        bad[:3] = (1, first_bad.split, first_bad.index)
-        bad[3:3 + len(text)] = np.frombuffer(text, np.uint8)
-    mine = np.concatenate([counts.ravel(), bad])
+    where = [1, first_bad.split, first_bad.index] if first_bad else [0, 0, 0]  # found?, split, index
+    mine = np.concatenate([counts.ravel(), where, message_codes(first_bad and first_bad.message)])
     gathered = np.asarray(gather(mine) if gather else mine[None]).reshape(-1, mine.size)
     found = [row[counts.size:] for row in gathered if row[counts.size]]
     if found:
-        first = min(found, key=lambda b: (b[1], b[2]))
-        raise UserError(bytes(first[3:].astype(np.uint8)).rstrip(b"\0").decode(errors="replace"))
+        raise UserError(message_from_codes(min(found, key=lambda b: (b[1], b[2]))[3:]))
     every = gathered[:, :counts.size].reshape(-1, len(splits), len(_COUNTED))
     empty = np.flatnonzero(every[:, 0, 1] == 0)
     if empty.size:
