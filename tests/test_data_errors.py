@@ -195,6 +195,10 @@ def test_a_model_directory_without_tokenizer_files_says_so(tmp_path, plain_dir):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(UserError, match=r"has no tokenizer files \(tokenizer.json\); copy them there"):
         load_tokenizer(str(tmp_path))
+    # Another model type: transformers built a tokenizer with no vocabulary (each text one token).
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(UserError, match=r"has no tokenizer files \(tokenizer.json\); copy them there"):
+        load_tokenizer(str(tmp_path))
     with pytest.raises(UserError, match=r"tokenizer.json is a file; the tokenizer path is the directory that holds it"):
         load_tokenizer(os.path.join(plain_dir, "tokenizer.json"))
 

@@ -21,6 +21,9 @@ from jaxtune.data.records import BadRecord, Location
 from jaxtune.errors import UserError, check_local_dir
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # fast, SentencePiece, BPE vocabulary
+
+
 def load_tokenizer(path: str):
     """The fast tokenizer in a local directory (never downloads, never runs repository code)."""
     import transformers
@@ -28,12 +31,14 @@ def load_tokenizer(path: str):
     if not path:
         raise UserError("no tokenizer: set data.tokenizer_path or model.hf_path to a local directory.")
     check_local_dir(path, "tokenizer")
+    # Checked first: given a config.json alone, transformers may build a tokenizer with no
+    # vocabulary (every text one token) rather than fail.
+    if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise UserError(f"{path} has no tokenizer files (tokenizer.json); copy them there from the original "
+                        "model, or set data.tokenizer_path to a directory that has them.")
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError... for a bad directory
-        if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
-            raise UserError(f"{path} has no tokenizer files (tokenizer.json); copy them there from the original "
-                            "model, or set data.tokenizer_path to a directory that has them.") from None
         raise UserError(f"cannot load a tokenizer from {path} ({str(e).strip().splitlines()[0]}).") from None
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"the tokenizer in {path} is not a fast tokenizer; jaxtune needs its tokenizer.json.")
