@@ -182,7 +182,7 @@ def test_an_unwritable_out_path_is_refused_before_the_check(tmp_path, plain_dir,
     out = tmp_path / "nope" / "r.json" if where == "missing_dir" else tmp_path
     monkeypatch.setattr(quality, "check_data", lambda *a, **k: pytest.fail("the check ran"))
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello world"}])
-    with pytest.raises(UserError, match=r"--out .*: not a file in an existing directory"):
+    with pytest.raises(UserError, match=r"--out .*: not a file in an existing, writable directory"):
         check_data.main(["--data", data, "--tokenizer", plain_dir, "--out", str(out)])
 
 
@@ -264,7 +264,7 @@ def test_invalid_records_are_listed_when_too_few_are_left_to_hold_out_eval(tmp_p
     assert code == 1
     assert f"d.jsonl:{valid + 1}: malformed JSON" in out and f"d.jsonl:{valid + 2}: field 'text' is null" in out
     assert ("leaves no training records" in out) is bool(valid)
-    assert not valid or "data.eval_fraction=0.05 of 1 record(s) leaves no training records" in out
+    assert not valid or "--eval-fraction=0.05 of 1 record(s) leaves no training records" in out
 
 
 def test_show_renders_a_sample_of_no_tokens(plain_dir):
@@ -281,3 +281,39 @@ def test_show_renders_a_sample_of_no_tokens(plain_dir):
     ids = np.asarray(tok("hello world", add_special_tokens=False)["input_ids"], np.int32)
     one = TokenizedSample(Location("d.jsonl", line=2), ids, np.ones(len(ids), bool))
     assert render_sample(tok, one).endswith("]]")  # trained tokens after the first are marked
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_a_split_whose_every_sample_is_dropped_is_an_error_as_in_training(tmp_path, plain_dir, split):
+    """The check reported rows 0 of 2 and exit 0 for data that training refuses."""
+    short, long = {"text": "hello world"}, {"text": " ".join(WORDS[:30])}
+    train = write_jsonl(tmp_path / "t.jsonl", [long, long] if split == "train" else [short, short])
+    evals = write_jsonl(tmp_path / "e.jsonl", [short] if split == "train" else [long])
+    out = tmp_path / "r.json"
+    args = ["--data", train, "--eval", evals, "--tokenizer", plain_dir, "--max-seq-len", "8", "--truncation", "drop"]
+    assert check_data.main([*args, "--out", str(out)]) == 1
+    kinds = {f["kind"]: f["message"] for f in json.loads(out.read_text())["findings"]}
+    with pytest.raises(UserError) as refused:  # what training says of the same data
+        prepare_datasets(settings(train, plain_dir, eval_files=(evals,), max_seq_len=8, truncation="drop"),
+                         load_tokenizer(plain_dir), log=lambda m: None)
+    assert kinds[f"{split}_all_dropped"] == check_data.in_flag_words(str(refused.value))
+    assert str(refused.value).startswith(f"all {2 if split == 'train' else 1} {split} sample(s) were dropped")
+    assert kinds[f"{split}_all_dropped"].endswith("raise --max-seq-len, use --truncation=truncate, or fix the data.")
+
+
+def test_without_a_recipe_messages_name_the_flags(tmp_path, plain_dir):
+    """Hints named the settings (data.eval_files, data.max_seq_len) that only a recipe sets."""
+    one = write_jsonl(tmp_path / "one.jsonl", [{"text": "hello world"}])
+    out = tmp_path / "r.json"
+    assert check_data.main(["--data", one, "--tokenizer", plain_dir, "--out", str(out)]) == 1
+    kinds = {f["kind"]: f["message"] for f in json.loads(out.read_text())["findings"]}
+    assert kinds["no_records_left_to_train"] == ("--eval-fraction=0.05 of 1 record(s) leaves no training records; "
+                                                 "add data or set --eval.")
+    assert check_data.main(["--data", one, "--tokenizer", plain_dir, "--eval-fraction", "0"]) == 0
+    with pytest.raises(UserError, match=r"^--max-seq-len must be at least 2, got 1\.$"):
+        check_data.main(["--data", one, "--tokenizer", plain_dir, "--max-seq-len", "1"])
+    recipe = write_recipe(tmp_path / "recipe.py", {"model.hf_path": plain_dir, "data.train_files": (one,)})
+    with pytest.raises(UserError, match=r"^data.max_seq_len must be at least 2, got 1\.$"):  # the recipe's words
+        check_data.main(["--config", recipe, "--max-seq-len", "1"])
+    with pytest.raises(UserError, match=r"^cannot write --out /proc/report.json \("):  # after the whole check
+        check_data.main(["--data", one, "--tokenizer", plain_dir, "--eval-fraction", "0", "--out", "/proc/report.json"])

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,6 +42,8 @@ def parse(argv):
     p.add_argument("--max-seq-len", type=int, help="default: the recipe's data.max_seq_len, else 1024")
     p.add_argument("--format", choices=("auto", "text", "prompt_completion", "alpaca", "sharegpt", "messages"))
     p.add_argument("--truncation", choices=("truncate", "drop"))
+    p.add_argument("--eval-fraction", type=float, metavar="F",
+                   help="held out of --data when there is no --eval (default: the recipe's, else 0.05)")
     p.add_argument("--train-on-prompt", action="store_true", default=None)
     p.add_argument("--ngram", type=int, default=13, help="words in a passage that counts as contamination (13)")
     p.add_argument("--show", type=int, default=0, metavar="K", help="print K training samples, trained tokens marked")
@@ -60,6 +63,7 @@ def settings_from(args, config):
         "format": args.format,
         "truncation": args.truncation,
         "train_on_prompt": args.train_on_prompt,
+        "eval_fraction": args.eval_fraction,
     }
     settings = dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
     if not settings.train_files:
@@ -84,14 +88,35 @@ def model_vocab_size(model_dir: str) -> int | None:
     return vocab if isinstance(vocab, int) else None
 
 
+# The settings' names in messages, as this tool's flags (without a recipe, the flags set them).
+FLAGS = {"data.train_files": "--data", "data.eval_files": "--eval", "data.tokenizer_path": "--tokenizer",
+         "data.max_seq_len": "--max-seq-len", "data.format": "--format", "data.truncation": "--truncation",
+         "data.train_on_prompt": "--train-on-prompt", "data.eval_fraction": "--eval-fraction"}
+
+
+def in_flag_words(text: str) -> str:
+    for key, flag in FLAGS.items():
+        text = re.sub(rf"(?<![\w.]){re.escape(key)}\b", flag, text)
+    return text
+
+
 def main(argv=None) -> int:
     args = parse(argv)
+    try:
+        return check(args)
+    except UserError as e:
+        if args.config:  # the recipe's words
+            raise
+        raise UserError(in_flag_words(str(e))) from None
+
+
+def check(args) -> int:
     if args.show < 0 or args.ngram < 1:
         raise UserError("--show must be >= 0 and --ngram >= 1.")
     if args.out:  # checked before the (long) check runs
         parent = os.path.dirname(os.path.abspath(args.out))
-        if os.path.isdir(args.out) or not os.path.isdir(parent):
-            raise UserError(f"--out {args.out}: not a file in an existing directory.")
+        if os.path.isdir(args.out) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            raise UserError(f"--out {args.out}: not a file in an existing, writable directory.")
     from jaxtune.config import defaults, expand_user_paths, load_recipe
 
     config = load_recipe(args.config) if args.config else defaults()
@@ -104,6 +129,9 @@ def main(argv=None) -> int:
     tokenizer = load_tokenizer(settings.tokenizer_path)
     vocab_size = model_vocab_size(settings.model_path)
     report, samples = check_data(settings, tokenizer, ngram=args.ngram, vocab_size=vocab_size)
+    if not args.config:
+        for finding in report.findings:
+            finding.message = in_flag_words(finding.message)
     batch = config.train.global_batch_size
     if args.config and report.train.packed_rows < batch:  # what run.py would refuse after loading the model
         from jaxtune.data.loader import too_few_rows
@@ -121,8 +149,11 @@ def main(argv=None) -> int:
         print()
     print(report.summary())
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report.to_json(), f, indent=1)
+        try:
+            with open(args.out, "w") as f:
+                json.dump(report.to_json(), f, indent=1)
+        except OSError as e:
+            raise UserError(f"cannot write --out {args.out} ({e.strerror or e}).") from None
         print(f"report written to {args.out}")
     return 1 if report.errors else 0
 

@@ -223,14 +223,15 @@ def check_not_all_dropped(report: DataReport, settings: DataSettings, gather=Non
     if empty.size:
         proc = int(empty[0])
         where = f"in process {proc}'s slice of {len(every)}" if len(every) > 1 else ""
-        raise UserError(_all_dropped("train", SplitStats(**dict(zip(_COUNTED, every[proc, 0].tolist()))),
+        raise UserError(all_dropped_message("train", SplitStats(**dict(zip(_COUNTED, every[proc, 0].tolist()))),
                                      settings, where))
     total_eval = every[:, 1].sum(axis=0)
     if report.eval is not None and total_eval[0] and total_eval[1] == 0:
-        raise UserError(_all_dropped("eval", SplitStats(**dict(zip(_COUNTED, total_eval.tolist()))), settings, ""))
+        raise UserError(all_dropped_message("eval", SplitStats(**dict(zip(_COUNTED, total_eval.tolist()))),
+                                            settings, ""))
 
 
-def _all_dropped(split: str, stats: SplitStats, settings: DataSettings, where: str) -> str:
+def all_dropped_message(split: str, stats: SplitStats, settings: DataSettings, where: str) -> str:
     reasons = []
     if stats.dropped_too_long:
         reasons.append(f"{stats.dropped_too_long:,} longer than data.max_seq_len={settings.max_seq_len}")

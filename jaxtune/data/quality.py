@@ -325,6 +325,9 @@ def _check_split(name, files, part: list[Sample], invalid: list[str], settings: 
         "{n:,} {split} sample(s) longer than " + f"max_seq_len={settings.max_seq_len} (would be "
         + ("truncated)" if settings.truncation == "truncate" else "dropped)"))
     add("warning", f"{name}_empty_prompt_fields", empty_prompt, "{n:,} empty prompt field(s) in {split}")
+    if tokenized and not kept:  # training refuses such a split
+        findings.append(Finding("error", f"{name}_all_dropped", len(tokenized),
+                                pipeline.all_dropped_message(name, stats, settings, "")))
 
     quality = SplitQuality(
         files=files, records=len(part), records_per_format=per_format,
