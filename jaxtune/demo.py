@@ -58,6 +58,13 @@ def write_dataset(out_dir: str, train: int = 6000, eval: int = 300, seed: int = 
     (tools/check_data.py finds no duplicates and no contamination).
     """
     rng = random.Random(seed)
+    try:
+        _write_dataset(out_dir, train, eval, rng)
+    except OSError as e:
+        raise UserError(f"cannot write the demo data in {out_dir} ({e.strerror or e}).") from None
+
+
+def _write_dataset(out_dir: str, train: int, eval: int, rng: random.Random) -> None:
     os.makedirs(out_dir, exist_ok=True)
     seen: set[str] = set()
     for name, n in (("train", train), ("eval", eval)):
@@ -104,6 +111,11 @@ def build_tokenizer(data_dir: str):
 
 
 def build_model_dir(out_dir: str, data_dir: str, seed: int = 0) -> None:
+    """The tokenizer is trained on the demo data, so the data must be there."""
+    for name in ("train.jsonl", "eval.jsonl"):
+        if not os.path.isfile(os.path.join(data_dir, name)):
+            raise UserError(f"the demo data {os.path.join(data_dir, name)} is missing; restore it from git "
+                            "(git checkout data/demo) or regenerate it with tools/make_demo.py --data.")
     import jax
     from flax import nnx
 
@@ -132,6 +144,8 @@ def ensure_demo_model(out_dir: str, data_dir: str) -> str:
         return out_dir
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"{out_dir} exists and is not a directory; the demo model is a directory.")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):  # checked first: the build takes a while
+        raise UserError(f"{out_dir} exists and is not a demo model (no config.json); name a new or empty directory.")
     parent = os.path.dirname(os.path.abspath(out_dir))
     try:
         os.makedirs(parent, exist_ok=True)

@@ -433,6 +433,17 @@ def test_make_demo_into_a_file_is_one_clear_error(tmp_path):
         jaxtune.demo.ensure_demo_model(str(tmp_path / "file"), "unused")
     with pytest.raises(UserError, match="cannot write the demo model under"):  # NotADirectoryError before
         jaxtune.demo.ensure_demo_model(str(tmp_path / "file" / "model"), "unused")
+    # A directory with other files: the build ran, then its rename failed with a traceback.
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "readme.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"other exists and is not a demo model \(no config.json\); name a new or "):
+        jaxtune.demo.ensure_demo_model(str(tmp_path / "other"), "unused")
+    # Without the demo data (the tokenizer is trained on it): a FileNotFoundError traceback.
+    with pytest.raises(UserError, match=r"the demo data .*nodata/train.jsonl is missing; restore it from git"):
+        jaxtune.demo.ensure_demo_model(str(tmp_path / "model"), str(tmp_path / "nodata"))
+    assert sorted(os.listdir(tmp_path)) == ["file", "other"]  # no temporary directory left
+    with pytest.raises(UserError, match=r"cannot write the demo data in .*file/data \("):
+        jaxtune.demo.write_dataset(str(tmp_path / "file" / "data"))
 
 
 def test_shipped_recipes_validate():
