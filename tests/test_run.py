@@ -713,3 +713,23 @@ def test_wandb_that_cannot_start_is_one_clear_error(tmp_path, monkeypatch):
                                         r"\(no-tty\)\. call wandb.login\(key=\[your_api_key\]\)\); run `wandb login`"):
         _logger(tmp_path, wandb=True, tensorboard=True, progress_bar=False)
     assert _tensorboard_writers() == before  # TensorBoard's writer thread was left running
+
+
+def test_install_script_refuses_what_it_cannot_use(tmp_path):
+    """`--tests` (a typo) ran a plain install; a .venv without pip (a first run on Debian
+    without python3-venv) was reused, failing forever; an old Python went unnoticed."""
+    shutil.copytree(os.path.join(ROOT, "tools"), tmp_path / "tools")
+    typo = subprocess.run(["bash", "tools/install.sh", "--tests"], cwd=tmp_path, capture_output=True, text=True)
+    assert typo.returncode == 2 and typo.stderr.strip() == "usage: bash tools/install.sh [--test]"
+    old = tmp_path / "old_python"
+    old.write_text('#!/bin/sh\n[ "$1" = "-V" ] && echo "Python 3.8.10"\nexit 1\n')  # fails any version check
+    os.chmod(old, 0o755)
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    shutil.copy(old, tmp_path / ".venv" / "bin" / "python")  # a .venv whose python has no pip
+    out = subprocess.run(["bash", "tools/install.sh"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHON": str(old)})
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        "tools/install.sh: .venv has no pip or a Python older than 3.10; making it again",
+        f"error: jaxtune needs Python 3.10 or newer; {old} is Python 3.8.10. Set PYTHON=/path/to/python3.10+."]
+    assert not (tmp_path / ".venv").exists()
