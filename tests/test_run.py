@@ -733,3 +733,19 @@ def test_install_script_refuses_what_it_cannot_use(tmp_path):
         "tools/install.sh: .venv has no pip or a Python older than 3.10; making it again",
         f"error: jaxtune needs Python 3.10 or newer; {old} is Python 3.8.10. Set PYTHON=/path/to/python3.10+."]
     assert not (tmp_path / ".venv").exists()
+
+
+def test_bench_compile_measures_the_precision_asked_for_and_refuses_flags_it_ignores():
+    """--compile measured float32 whatever --precision said, and took --layers/--steps without use."""
+    bench = [sys.executable, os.path.join(ROOT, "tools", "bench.py"), "--compile", "--vocab", "256", "--hidden", "64",
+             "--heads", "2", "--kv-heads", "2", "--intermediate", "128", "--batch", "2", "--seq", "32"]
+    proc = subprocess.run([*bench, "--precision", "bf16"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert "layers=2 and 16" in lines[0]
+    assert [re.sub(r"[\d.]+", "N", line) for line in lines[1:]] == [
+        "[bfN] compile, N layers: N s", "[bfN] compile, N layers: N s", "[bfN] ratio N/N layers: Nx"]
+    refused = subprocess.run([*bench, "--layers", "4", "--steps", "3"], cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1].endswith(
+        "error: --compile measures 2 and 16 layers and times no step: --layers, --steps would change nothing.")

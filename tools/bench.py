@@ -33,26 +33,38 @@ from jaxtune.preemption import exit_at_once_on_signals  # noqa: E402
 def parse():
     from jaxtune.models.llama import REMAT_POLICIES
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--hidden", type=int, default=384)
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--heads", type=int, default=6)
-    p.add_argument("--kv-heads", type=int, default=6)
-    p.add_argument("--intermediate", type=int, default=1024)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        pass
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=Formatter)
+    p.add_argument("--vocab", type=int, default=8192, help="vocabulary size")
+    p.add_argument("--hidden", type=int, default=384, help="hidden size")
+    p.add_argument("--layers", type=int, default=6, help="decoder layers")
+    p.add_argument("--heads", type=int, default=6, help="attention heads")
+    p.add_argument("--kv-heads", type=int, default=6, help="key/value heads (GQA when fewer than --heads)")
+    p.add_argument("--intermediate", type=int, default=1024, help="MLP intermediate size")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step")
+    p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
     p.add_argument("--steps", type=int, default=10, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3, help="alternating jax/torch rounds; the best round counts")
-    p.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both")
-    p.add_argument("--remat", default="dots", choices=REMAT_POLICIES)
-    p.add_argument("--loss-chunk-len", type=int, default=0)
+    p.add_argument("--precision", choices=("fp32", "bf16", "both"), default="both",
+                   help="compute precision (weights and optimizer state are float32 either way)")
+    p.add_argument("--remat", default="dots", choices=REMAT_POLICIES, help="jaxtune's remat policy (model.remat)")
+    p.add_argument("--loss-chunk-len", type=int, default=0,
+                   help="jaxtune's loss in chunks of this many positions (model.loss_chunk_len); 0: one chunk")
     p.add_argument("--trained-fraction", type=float, default=1.0,
-                   help="SFT-like rows: samples of 64 tokens whose last fraction trains (both sides)")
-    p.add_argument("--jax-only", action="store_true")
-    p.add_argument("--compile", action="store_true", help="measure compile time vs depth instead")
+                   help="share of each packed sample's positions that train (SFT answers); 1.0: every position")
+    p.add_argument("--jax-only", action="store_true", help="time jaxtune alone (no torch needed)")
+    p.add_argument("--compile", action="store_true",
+                   help="measure jaxtune's compile time for 2 vs 16 layers instead (shape and precision flags apply)")
     p.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)  # internal: one timed side
     a = p.parse_args()
+    if a.compile:  # it compiles 2 and 16 layers, times no step and runs no torch
+        ignored = [f"--{name.replace('_', '-')}" for name in ("layers", "steps", "rounds", "trained_fraction")
+                   if getattr(a, name) != p.get_default(name)]
+        if ignored:
+            p.error(f"--compile measures 2 and 16 layers and times no step: {', '.join(ignored)} would change nothing.")
     if not 0.0 < a.trained_fraction <= 1.0:
         p.error("--trained-fraction must be in (0, 1].")
     for name in ("vocab", "hidden", "layers", "heads", "kv_heads", "intermediate", "batch", "seq", "steps", "rounds"):
@@ -202,7 +214,7 @@ def serve(a) -> None:
     """Worker process: build one side, then time rounds on request ("run N" -> seconds)."""
     import json
 
-    compute = "bfloat16" if a.precision == "bf16" else "float32"
+    compute = compute_dtype(a.precision)
     if a.worker == "jax":
         import jax
 
@@ -326,11 +338,20 @@ def paired_ratios(jax_rounds: list[float], torch_rounds: list[float]) -> str:
 
 
 def bench_compile(a) -> None:
-    times = {}
-    for layers in (2, 16):
-        times[layers] = JaxRunner(a, "float32", layers=layers).compile_seconds()
-        print(f"compile, {layers} layers: {times[layers]:.2f} s", flush=True)
-    print(f"ratio 16/2 layers: {times[16] / times[2]:.2f}x")
+    for precision in precisions(a):
+        times = {}
+        for layers in (2, 16):
+            times[layers] = JaxRunner(a, compute_dtype(precision), layers=layers).compile_seconds()
+            print(f"[{precision}] compile, {layers} layers: {times[layers]:.2f} s", flush=True)
+        print(f"[{precision}] ratio 16/2 layers: {times[16] / times[2]:.2f}x")
+
+
+def precisions(a) -> tuple[str, ...]:
+    return ("fp32", "bf16") if a.precision == "both" else (a.precision,)
+
+
+def compute_dtype(precision: str) -> str:
+    return "bfloat16" if precision == "bf16" else "float32"
 
 
 def main():
@@ -344,7 +365,7 @@ def main():
     import jax
 
     print(f"jax {jax.__version__}; shape vocab={a.vocab} hidden={a.hidden} "
-          f"layers={a.layers} heads={a.heads}/{a.kv_heads} ffn={a.intermediate}; batch {a.batch}x{a.seq}; "
+          f"layers={'2 and 16' if a.compile else a.layers} heads={a.heads}/{a.kv_heads} ffn={a.intermediate}; batch {a.batch}x{a.seq}; "
           f"remat={a.remat} loss_chunk_len={a.loss_chunk_len} trained={a.trained_fraction:.0%}; "
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}",
           flush=True)
@@ -353,7 +374,7 @@ def main():
     llama_config(a)  # the shape errors a worker would find, reported here in one line
     if not a.jax_only:
         require_torch()
-    for precision in (("fp32", "bf16") if a.precision == "both" else (a.precision,)):
+    for precision in precisions(a):
         bench_precision(a, precision)
 
 

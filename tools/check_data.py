@@ -1,7 +1,7 @@
 """Checks training data before an expensive run: what would be trained, and what is wrong.
 
     python tools/check_data.py --data train.jsonl [--eval eval.jsonl] --tokenizer DIR [--max-seq-len 2048]
-    python tools/check_data.py --config configs/llama3_8b_sft.py [--show 3] [--out report.json]
+    python tools/check_data.py --config configs/demo.py [--show 3] [--out report.json]   # a recipe's data
 
 Reports records per format, invalid records with their locations, exact and near
 duplicates, the token-length distribution and how many samples would be truncated or
