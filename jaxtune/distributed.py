@@ -13,11 +13,14 @@ import contextlib
 import hashlib
 import os
 import sys
+import threading
+import time
 import traceback
 
 import jax
 import numpy as np
 
+from jaxtune import errors
 from jaxtune.errors import UserError, message_codes, message_from_codes
 
 _MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
@@ -42,6 +45,78 @@ def init() -> None:
         ) from None
     except RuntimeError as e:  # JAX was used before this call (a script that touched devices first)
         raise UserError(f"could not start multi-host JAX: {e}") from None
+    _watch_for_stopped_processes()
+
+
+# A process that stops (`exit_promptly_on_failure`) says so in the coordination service's
+# key-value store; the others, which would wait in their next collective until the service
+# noticed the missing heartbeats (~100 s) and then abort with a native stack dump, read it
+# there and exit at once with its message.
+_STOPPED = "jaxtune/stopped/"  # + process index -> "exit code\nmessage"
+_LEAVING = "jaxtune/leaving/"  # + process index: has read a stop, or is stopping itself
+_POLL_SECONDS = 0.5
+_COORDINATOR_WAIT_SECONDS = 5.0
+_stopping = threading.Event()  # this process is reporting its own stop: the watcher stands down
+
+
+def _client():
+    """The coordination service's client (JAX has no public API for its key-value store);
+    None where this JAX keeps it elsewhere, and then processes wait as JAX makes them."""
+    try:
+        from jax._src import distributed as jax_distributed
+
+        return jax_distributed.global_state.client
+    except (ImportError, AttributeError):
+        return None
+
+
+def _watch_for_stopped_processes() -> None:
+    client = _client()
+    if client is None or jax.process_count() == 1:
+        return
+    me, count = jax.process_index(), jax.process_count()
+
+    def watch():
+        while not _stopping.wait(_POLL_SECONDS):
+            try:
+                stopped = sorted((int(key.rsplit("/", 1)[1]), value) for key, value in client.key_value_dir_get(_STOPPED))
+            except Exception:  # noqa: BLE001 - the service is gone: JAX's own handling follows
+                return
+            stopped = [(k, value) for k, value in stopped if k != me]
+            if stopped and not _stopping.is_set():
+                k, value = stopped[0]
+                code, _, message = value.partition("\n")
+                with contextlib.suppress(Exception):
+                    client.key_value_set(f"{_LEAVING}{me}", "read")
+                print(f"error: process {k} of {count} stopped: {message}", file=sys.stderr)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(int(code))
+
+    threading.Thread(target=watch, name="jaxtune-watch-stopped-processes", daemon=True).start()
+
+
+def _announce_stop(code: int, message: str) -> None:
+    """Tells the other processes this one stops; process 0, which hosts the coordination
+    service, then gives them a moment to read it before the service goes with it."""
+    _stopping.set()
+    client = _client()
+    if client is None or jax.process_count() == 1:
+        return
+    me = jax.process_index()
+    try:
+        client.key_value_set(f"{_STOPPED}{me}", f"{code}\n{message}")
+        client.key_value_set(f"{_LEAVING}{me}", "stopping")
+        if me != 0:
+            return
+        others = set(range(1, jax.process_count()))
+        deadline = time.monotonic() + _COORDINATOR_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            if others <= {int(key.rsplit("/", 1)[1]) for key, _ in client.key_value_dir_get(_LEAVING)}:
+                return
+            time.sleep(0.05)
+    except Exception:  # noqa: BLE001 - best effort: the exit follows either way
+        return
 
 
 @contextlib.contextmanager
@@ -56,16 +131,20 @@ def exit_promptly_on_failure():
     except BaseException as e:
         if not jax.distributed.is_initialized():
             raise
+        _stopping.set()  # its own report, not another process's, is this process's last word
         code = 1
         if isinstance(e, SystemExit):  # a user error, already reported
             code = e.code if isinstance(e.code, int) else 1
+            message = errors.last_reported or f"it exited with status {code}"
         else:
             traceback.print_exc()
             print(f"error: process {jax.process_index()} of {jax.process_count()} failed; exiting without waiting "
                   "for the others (if another process stopped first, rerun the same command on every host to "
                   "resume from the last checkpoint).", file=sys.stderr)
+            message = f"it failed ({type(e).__name__}); its log has the traceback"
         sys.stdout.flush()
         sys.stderr.flush()
+        _announce_stop(code, message)
         os._exit(code)
 
 

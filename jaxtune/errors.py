@@ -23,11 +23,18 @@ class UserError(Exception):
     exit_code = 2
 
 
+# The last user error reported, so that a launcher can pass it on to the other processes of a
+# job (`distributed.exit_promptly_on_failure`) after `exit_on_user_error` turned it into an exit.
+last_reported: str | None = None
+
+
 @contextlib.contextmanager
 def exit_on_user_error():
+    global last_reported
     try:
         yield
     except UserError as e:
+        last_reported = str(e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
 

@@ -271,3 +271,32 @@ def test_wandb_that_cannot_log_in_stops_every_process_with_its_message(tiny, tmp
     for i, (rc, out) in enumerate(results):
         assert rc == 2 and out.strip().splitlines()[-1] == expected, f"process {i} exited {rc}:\n{out[-3000:]}"
         assert "Traceback" not in out
+
+
+@pytest.mark.parametrize("failing", [1, 0])
+def test_a_user_error_on_one_process_stops_the_others_at_once_with_its_message(tiny, tmp_path, failing):
+    """A host without the model (local disks differ): the process that found it stopped, and the
+    other waited in its next collective until the coordination service noticed the missing
+    heartbeats (~100 s), then died of SIGABRT with a native stack dump and no word of why."""
+    recipe = write_recipe(tmp_path / "recipe.py", tiny())
+    with open(recipe, "a") as f:  # only the failing process's host lacks the model
+        f.write(textwrap.dedent(f"""
+            _same_everywhere = get_config
+
+
+            def get_config():
+                import os
+                config = _same_everywhere()
+                if os.environ["JAX_PROCESS_ID"] == "{failing}":
+                    config.model.hf_path = {str(tmp_path / "missing")!r}
+                return config
+        """))
+    started = time.monotonic()
+    results = _two_processes([sys.executable, os.path.join(ROOT, "run.py"), "--config", recipe], timeout=120)
+    took = time.monotonic() - started
+    message = f"model directory {tmp_path / 'missing'} does not exist (jaxtune never downloads from a hub)."
+    other = 1 - failing
+    assert results[failing][0] == 2 and results[failing][1].strip().splitlines()[-1] == f"error: {message}"
+    assert results[other][0] == 2, results[other][1][-3000:]
+    assert results[other][1].strip().splitlines()[-1] == f"error: process {failing} of 2 stopped: {message}"
+    assert took < 60, took
