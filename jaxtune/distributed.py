@@ -9,6 +9,7 @@ JAX_NUM_PROCESSES and JAX_PROCESS_ID say them.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import os
@@ -93,7 +94,14 @@ def _watch_for_stopped_processes() -> None:
                 sys.stderr.flush()
                 os._exit(int(code))
 
-    threading.Thread(target=watch, name="jaxtune-watch-stopped-processes", daemon=True).start()
+    watcher = threading.Thread(target=watch, name="jaxtune-watch-stopped-processes", daemon=True)
+    watcher.start()
+
+    def stop_watching():  # before JAX's own exit handler (registered earlier, so run later) shuts the client
+        _stopping.set()  # a daemon thread still inside the client's C++ call at interpreter exit aborts it
+        watcher.join(timeout=5)
+
+    atexit.register(stop_watching)
 
 
 def _announce_stop(code: int, message: str) -> None:

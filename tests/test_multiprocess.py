@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -200,6 +201,22 @@ def test_a_bad_record_in_one_process_share_stops_every_process_with_its_message(
     for error, (_, _, where) in zip(errors[0], cases):
         assert where in error and "the conversation starts with an assistant turn" in error, error
         assert error.endswith("set data.on_bad_record=skip to skip bad records."), error
+
+    # Skipped instead: process 0, which alone prints, counted only those of its own share.
+    script = _preparing_script(tmp_path, llama3_dir, f"""
+        for name in ("one", "both"):
+            got = prepare_datasets(settings({str(tmp_path)!r} + "/" + name + ".jsonl", {llama3_dir!r},
+                                            on_bad_record="skip"), tok, **kw)
+            print("skipped:", got.report.summary().splitlines()[1])
+    """)
+    results = _two_processes([sys.executable, str(script)], timeout=180)
+    _assert_ok(results)
+    lines = [line for line in results[0][1].splitlines() if line.startswith("skipped:")]
+    assert len(lines) == 2, results[0][1]
+    examples = [re.findall(r"/(\w+\.jsonl:\d+): the conversation starts with an assistant turn", line) for line in lines]
+    assert lines[0].startswith("skipped: skipped 1 bad record(s) (1 in other processes' shares), e.g. ")
+    assert lines[1].startswith("skipped: skipped 2 bad record(s) (1 in other processes' shares), e.g. ")
+    assert examples == [["one.jsonl:2"], ["both.jsonl:5", "both.jsonl:4"]]  # its own first, then the others'
 
 
 def test_two_process_run_saves_evaluates_and_resumes(tiny, tmp_path):

@@ -19,7 +19,7 @@ from jaxtune.data.formats import Sample
 from jaxtune.data.packing import pack
 from jaxtune.data.readers import refuse_shared_files, resolve_files
 from jaxtune.data.records import BadRecord
-from jaxtune.data.report import DataReport, SplitStats
+from jaxtune.data.report import MAX_EXAMPLES, DataReport, SplitStats
 from jaxtune.data.rows import Rows
 from jaxtune.data.samples import ReadResult, handle_bad, read_samples
 from jaxtune.data.settings import DataSettings
@@ -106,16 +106,22 @@ def prepare_datasets(
         report.add_empty_trained(eval_samples)
     encoder = SampleEncoder(tokenizer, train_on_prompt=settings.train_on_prompt, eos_ids=eos_ids)
     share = slice(process_index, None, process_count)
-    train_rows, first_bad = _build(train_samples[share], encoder, settings, report.train, on_skip)
+    skipped_here: list[str] = []  # the chat template could not render them; only this process saw them
+
+    def on_skip_here(bad: BadRecord) -> None:
+        skipped_here.append(str(bad))
+        on_skip(bad)
+
+    train_rows, first_bad = _build(train_samples[share], encoder, settings, report.train, on_skip_here)
     eval_rows = None
     if eval_samples is not None and first_bad is None:
         report.eval = SplitStats()
-        eval_rows, eval_bad = _build(eval_samples[share], encoder, settings, report.eval, on_skip)
+        eval_rows, eval_bad = _build(eval_samples[share], encoder, settings, report.eval, on_skip_here)
         if eval_bad is not None:
             first_bad = _FirstBad(1, eval_bad.index, eval_bad.message)
     if first_bad is not None:  # its index in this process's share -> in the split
         first_bad = dataclasses.replace(first_bad, index=first_bad.index * process_count + process_index)
-    check_not_all_dropped(report, settings, gather, first_bad)
+    check_not_all_dropped(report, settings, gather, first_bad, skipped_here[0] if skipped_here else None)
 
     if settings.cache_dir:
         try:
@@ -204,21 +210,35 @@ def _check_not_empty(read: ReadResult, key: str) -> None:
 _COUNTED = ("records", "samples", "dropped_too_long", "dropped_no_trained_tokens", "bad_records")
 
 
+_FATAL, _SKIPPED = 1, 2  # what a process's message in `check_not_all_dropped` is
+
+
 def check_not_all_dropped(report: DataReport, settings: DataSettings, gather=None,
-                          first_bad: _FirstBad | None = None) -> None:
+                          first_bad: _FirstBad | None = None, skipped_example: str | None = None) -> None:
     """Every process needs training samples (it feeds its own devices' rows); an eval set needs
     a sample on some process (`evaluate` gives a process without any padding-only batches).
-    A bad record found by any process (`_FirstBad`) stops them all, first. One collective, which
-    every process makes whether its data came from the cache or not."""
+    A bad record found by any process (`_FirstBad`) stops them all, first; records skipped in
+    other processes' shares are counted in `report` (with an example), since only process 0
+    prints. One collective, which every process makes whether its data came from the cache or not."""
     splits = (report.train, report.eval or SplitStats())
     counts = np.array([[getattr(stats, f) for f in _COUNTED] for stats in splits], np.int64)  # [split, field]
-    where = [1, first_bad.split, first_bad.index] if first_bad else [0, 0, 0]  # found?, split, index
-    mine = np.concatenate([counts.ravel(), where, message_codes(first_bad and first_bad.message)])
+    if first_bad:
+        about, message = [_FATAL, first_bad.split, first_bad.index], first_bad.message
+    else:
+        about, message = [_SKIPPED if skipped_example else 0, 0, 0], skipped_example
+    mine = np.concatenate([counts.ravel(), about, message_codes(message)])
     gathered = np.asarray(gather(mine) if gather else mine[None]).reshape(-1, mine.size)
-    found = [row[counts.size:] for row in gathered if row[counts.size]]
-    if found:
-        raise UserError(message_from_codes(min(found, key=lambda b: (b[1], b[2]))[3:]))
+    fatal = [row[counts.size:] for row in gathered if row[counts.size] == _FATAL]
+    if fatal:
+        raise UserError(message_from_codes(min(fatal, key=lambda b: (b[1], b[2]))[3:]))
     every = gathered[:, :counts.size].reshape(-1, len(splits), len(_COUNTED))
+    skipped = every[:, :, _COUNTED.index("bad_records")].sum(axis=1)  # per process
+    report.bad_records_elsewhere = int(skipped.sum() - skipped[report.process_index])
+    for k, row in enumerate(gathered):
+        example = message_from_codes(row[counts.size + 3:]) if row[counts.size] == _SKIPPED else None
+        if (k != report.process_index and example and example not in report.bad_record_examples
+                and len(report.bad_record_examples) < MAX_EXAMPLES):
+            report.bad_record_examples.append(example)
     empty = np.flatnonzero(every[:, 0, 1] == 0)
     if empty.size:
         proc = int(empty[0])

@@ -45,7 +45,9 @@ class DataReport:
     process_count: int
     eval_source: str  # "files", "held out" (eval_fraction of the train records) or "none"
     files: list[FileStats] = dataclasses.field(default_factory=list)
-    bad_records: int = 0  # all records skipped, in every file (read by every process)
+    bad_records: int = 0  # records skipped: invalid ones in every file, and those of this process's share
+    # conversations the chat template could not render in the other processes' shares (skipped)
+    bad_records_elsewhere: int = 0
     bad_record_examples: list[str] = dataclasses.field(default_factory=list)  # "FILE:LINE: reason"
     # trained fields (a completion, an assistant message) that are empty: they train only the EOS
     empty_trained: int = 0
@@ -84,8 +86,12 @@ class DataReport:
                 # named: a recipe's eval files stay in use when the command line replaces only its train files
                 names = ", ".join(f.path for f in files[:3]) + (f", ... ({len(files)} files)" if len(files) > 3 else "")
                 lines.append(f"{split} data: {names}: {records:,} records ({formats})")
-        if self.bad_records:
-            lines.append(f"skipped {self.bad_records:,} bad record(s), e.g. " + "; ".join(self.bad_record_examples[:3]))
+        skipped = self.bad_records + self.bad_records_elsewhere
+        if skipped:
+            elsewhere = ""
+            if self.bad_records_elsewhere:
+                elsewhere = f" ({self.bad_records_elsewhere:,} in other processes' shares)"
+            lines.append(f"skipped {skipped:,} bad record(s){elsewhere}, e.g. " + "; ".join(self.bad_record_examples[:3]))
         if self.empty_trained:
             lines.append(f"warning: {self.empty_trained:,} empty or whitespace-only trained field(s), which teach the "
                          "model to say nothing, e.g. " + "; ".join(self.empty_trained_examples[:3])
