@@ -317,3 +317,21 @@ def test_without_a_recipe_messages_name_the_flags(tmp_path, plain_dir):
         check_data.main(["--config", recipe, "--max-seq-len", "1"])
     with pytest.raises(UserError, match=r"^cannot write --out /proc/report.json \("):  # after the whole check
         check_data.main(["--data", one, "--tokenizer", plain_dir, "--eval-fraction", "0", "--out", "/proc/report.json"])
+
+
+def test_flags_turn_a_recipes_train_on_prompt_off_and_on(tmp_path, plain_dir):
+    """`--train-on-prompt` could only turn it on: a recipe's True could not be checked as False."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"hello there {w} ", "completion": "world"} for w in WORDS[:3]])
+    out = tmp_path / "r.json"
+
+    def trained(*flags, recipe_value):
+        recipe = write_recipe(tmp_path / "recipe.py", {"model.hf_path": plain_dir, "data.train_files": (data,),
+                                                       "data.eval_fraction": 0.0, "train.global_batch_size": 1,
+                                                       "data.train_on_prompt": recipe_value})
+        assert check_data.main(["--config", recipe, *flags, "--out", str(out)]) == 0
+        report = json.loads(out.read_text())
+        return report["train_on_prompt"], report["train"]["trained_tokens"]["max"]
+
+    on, off = trained(recipe_value=True), trained("--no-train-on-prompt", recipe_value=True)
+    assert on[0] is True and off[0] is False and off[1] < on[1]
+    assert trained("--train-on-prompt", recipe_value=False) == on

@@ -44,7 +44,8 @@ def parse(argv):
     p.add_argument("--truncation", choices=("truncate", "drop"))
     p.add_argument("--eval-fraction", type=float, metavar="F",
                    help="held out of --data when there is no --eval (default: the recipe's, else 0.05)")
-    p.add_argument("--train-on-prompt", action="store_true", default=None)
+    p.add_argument("--train-on-prompt", action=argparse.BooleanOptionalAction, default=None,
+                   help="train every token, not only completions (default: the recipe's, else no)")
     p.add_argument("--ngram", type=int, default=13, help="words in a passage that counts as contamination (13)")
     p.add_argument("--show", type=int, default=0, metavar="K", help="print K training samples, trained tokens marked")
     p.add_argument("--out", metavar="FILE", help="write the report as JSON")
