@@ -92,6 +92,7 @@ def _watch_for_stopped_processes() -> None:
                 print(f"error: process {k} of {count} stopped: {message}", file=sys.stderr)
                 sys.stdout.flush()
                 sys.stderr.flush()
+                _let_the_others_read(client)
                 os._exit(int(code))
 
     watcher = threading.Thread(target=watch, name="jaxtune-watch-stopped-processes", daemon=True)
@@ -115,16 +116,26 @@ def _announce_stop(code: int, message: str) -> None:
     try:
         client.key_value_set(f"{_STOPPED}{me}", f"{code}\n{message}")
         client.key_value_set(f"{_LEAVING}{me}", "stopping")
-        if me != 0:
-            return
-        others = set(range(1, jax.process_count()))
-        deadline = time.monotonic() + _COORDINATOR_WAIT_SECONDS
-        while time.monotonic() < deadline:
-            if others <= {int(key.rsplit("/", 1)[1]) for key, _ in client.key_value_dir_get(_LEAVING)}:
-                return
-            time.sleep(0.05)
     except Exception:  # noqa: BLE001 - best effort: the exit follows either way
         return
+    _let_the_others_read(client)
+
+
+def _let_the_others_read(client) -> None:
+    """On process 0, which hosts the coordination service: waits (up to a few seconds) until
+    every other process has read a stop or is stopping itself. Exiting at once took the
+    service away from processes that had not polled yet, which then aborted."""
+    if jax.process_index() != 0:
+        return
+    others = set(range(1, jax.process_count()))
+    deadline = time.monotonic() + _COORDINATOR_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        try:
+            if others <= {int(key.rsplit("/", 1)[1]) for key, _ in client.key_value_dir_get(_LEAVING)}:
+                return
+        except Exception:  # noqa: BLE001 - best effort: the exit follows either way
+            return
+        time.sleep(0.05)
 
 
 @contextlib.contextmanager

@@ -128,3 +128,18 @@ def test_held_out_eval_is_disjoint_from_train_on_every_process(tmp_path, plain_d
     other_seed = prepare_datasets(settings(data, plain_dir, packing=False, eval_fraction=0.25, seed=6), tok,
                                   log=lambda m: None)
     assert sorted(_texts_of(other_seed.eval, tok)) != sorted(evals)
+
+
+def test_the_agreement_on_bad_records_keeps_one_process_messages_whole():
+    """Messages cross processes as fixed-size byte arrays; the process's own is not cut to that
+    size, and a summary whose skipped records were all in other shares has no empty "e.g."."""
+    from jaxtune.data.pipeline import _FirstBad, check_not_all_dropped
+    from jaxtune.data.report import DataReport, SplitStats
+
+    report = DataReport(64, True, 0, 1, "none", train=SplitStats(records=3, samples=3))
+    long = "data.jsonl:7: " + "x" * 5000
+    with pytest.raises(UserError) as refused:
+        check_not_all_dropped(report, settings=None, first_bad=_FirstBad(0, 6, long))
+    assert str(refused.value) == long
+    report.bad_records_elsewhere = 2  # another process's cache held them, without an example
+    assert "skipped 2 bad record(s) (2 in other processes' shares)\n" in report.summary() + "\n"

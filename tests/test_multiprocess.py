@@ -26,24 +26,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_two_processes(argv: list[str]) -> tuple[list[subprocess.Popen], list]:
-    """`argv` started as process 0 and 1 of one job; (processes, their output files)."""
+def _start_two_processes(argv: list[str], count: int = 2) -> tuple[list[subprocess.Popen], list]:
+    """`argv` started as process 0 and 1 (... count - 1) of one job; (processes, their output files)."""
     port = _free_port()
     procs, logs = [], []
-    for i in range(2):
-        env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
+    for i in range(count):
+        env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": str(count),
                "JAX_PROCESS_ID": str(i), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
         logs.append(tempfile.TemporaryFile("w+"))  # files, not pipes: an unread full pipe would block a process
         procs.append(subprocess.Popen(argv, env=env, cwd=ROOT, stdout=logs[-1], stderr=subprocess.STDOUT, text=True))
     return procs, logs
 
 
-def _two_processes(argv: list[str], timeout: float) -> list[tuple[int, str]]:
-    """Runs `argv` as process 0 and 1 of one job; [(returncode, output)] in process order.
+def _two_processes(argv: list[str], timeout: float, count: int = 2) -> list[tuple[int, str]]:
+    """Runs `argv` as process 0 and 1 (... count - 1) of one job; [(returncode, output)] in process order.
 
     A hung job is killed with SIGKILL: JAX's preemption notifier catches SIGTERM.
     """
-    procs, logs = _start_two_processes(argv)
+    procs, logs = _start_two_processes(argv, count)
     deadline = time.monotonic() + timeout
     hung = False
     for p in procs:
@@ -290,12 +290,14 @@ def test_wandb_that_cannot_log_in_stops_every_process_with_its_message(tiny, tmp
         assert "Traceback" not in out
 
 
-@pytest.mark.parametrize("failing", [1, 0])
-def test_a_user_error_on_one_process_stops_the_others_at_once_with_its_message(tiny, tmp_path, failing):
+@pytest.mark.parametrize("failing, count", [(1, 2), (0, 2), (1, 3)])
+def test_a_user_error_on_one_process_stops_the_others_at_once_with_its_message(tiny, tmp_path, failing, count):
     """A host without the model (local disks differ): the process that found it stopped, and the
     other waited in its next collective until the coordination service noticed the missing
-    heartbeats (~100 s), then died of SIGABRT with a native stack dump and no word of why."""
-    recipe = write_recipe(tmp_path / "recipe.py", tiny())
+    heartbeats (~100 s), then died of SIGABRT with a native stack dump and no word of why.
+    With three, process 0 read the stop first and exited, taking the service from process 2."""
+    recipe = write_recipe(tmp_path / "recipe.py", tiny(**{"train.global_batch_size": 2 * count, "mesh.data": -1,
+                                                          "mesh.fsdp": 1}))  # 3 divides no model size
     with open(recipe, "a") as f:  # only the failing process's host lacks the model
         f.write(textwrap.dedent(f"""
             _same_everywhere = get_config
@@ -309,11 +311,12 @@ def test_a_user_error_on_one_process_stops_the_others_at_once_with_its_message(t
                 return config
         """))
     started = time.monotonic()
-    results = _two_processes([sys.executable, os.path.join(ROOT, "run.py"), "--config", recipe], timeout=120)
+    results = _two_processes([sys.executable, os.path.join(ROOT, "run.py"), "--config", recipe], timeout=120,
+                             count=count)
     took = time.monotonic() - started
     message = f"model directory {tmp_path / 'missing'} does not exist (jaxtune never downloads from a hub)."
-    other = 1 - failing
     assert results[failing][0] == 2 and results[failing][1].strip().splitlines()[-1] == f"error: {message}"
-    assert results[other][0] == 2, results[other][1][-3000:]
-    assert results[other][1].strip().splitlines()[-1] == f"error: process {failing} of 2 stopped: {message}"
+    for other in set(range(count)) - {failing}:
+        assert results[other][0] == 2, results[other][1][-3000:]
+        assert results[other][1].strip().splitlines()[-1] == f"error: process {failing} of {count} stopped: {message}"
     assert took < 60, took

@@ -719,8 +719,9 @@ def test_install_script_refuses_what_it_cannot_use(tmp_path):
     """`--tests` (a typo) ran a plain install; a .venv without pip (a first run on Debian
     without python3-venv) was reused, failing forever; an old Python went unnoticed."""
     shutil.copytree(os.path.join(ROOT, "tools"), tmp_path / "tools")
-    typo = subprocess.run(["bash", "tools/install.sh", "--tests"], cwd=tmp_path, capture_output=True, text=True)
-    assert typo.returncode == 2 and typo.stderr.strip() == "usage: bash tools/install.sh [--test]"
+    for args in (["--tests"], ["--test", "junk"]):
+        typo = subprocess.run(["bash", "tools/install.sh", *args], cwd=tmp_path, capture_output=True, text=True)
+        assert typo.returncode == 2 and typo.stderr.strip() == "usage: bash tools/install.sh [--test]"
     old = tmp_path / "old_python"
     old.write_text('#!/bin/sh\n[ "$1" = "-V" ] && echo "Python 3.8.10"\nexit 1\n')  # fails any version check
     os.chmod(old, 0o755)

@@ -228,15 +228,18 @@ def check_not_all_dropped(report: DataReport, settings: DataSettings, gather=Non
         about, message = [_SKIPPED if skipped_example else 0, 0, 0], skipped_example
     mine = np.concatenate([counts.ravel(), about, message_codes(message)])
     gathered = np.asarray(gather(mine) if gather else mine[None]).reshape(-1, mine.size)
-    fatal = [row[counts.size:] for row in gathered if row[counts.size] == _FATAL]
+    me = report.process_index if gather else 0  # without `gather`, this process's row alone
+    fatal = [(row[counts.size + 1], row[counts.size + 2], k) for k, row in enumerate(gathered)
+             if row[counts.size] == _FATAL]
     if fatal:
-        raise UserError(message_from_codes(min(fatal, key=lambda b: (b[1], b[2]))[3:]))
+        k = min(fatal)[2]  # the first in data order; this process's own message is not cut to fit
+        raise UserError(first_bad.message if k == me else message_from_codes(gathered[k, counts.size + 3:]))
     every = gathered[:, :counts.size].reshape(-1, len(splits), len(_COUNTED))
     skipped = every[:, :, _COUNTED.index("bad_records")].sum(axis=1)  # per process
-    report.bad_records_elsewhere = int(skipped.sum() - skipped[report.process_index])
+    report.bad_records_elsewhere = int(skipped.sum() - skipped[me])
     for k, row in enumerate(gathered):
         example = message_from_codes(row[counts.size + 3:]) if row[counts.size] == _SKIPPED else None
-        if (k != report.process_index and example and example not in report.bad_record_examples
+        if (k != me and example and example not in report.bad_record_examples
                 and len(report.bad_record_examples) < MAX_EXAMPLES):
             report.bad_record_examples.append(example)
     empty = np.flatnonzero(every[:, 0, 1] == 0)

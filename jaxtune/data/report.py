@@ -91,7 +91,8 @@ class DataReport:
             elsewhere = ""
             if self.bad_records_elsewhere:
                 elsewhere = f" ({self.bad_records_elsewhere:,} in other processes' shares)"
-            lines.append(f"skipped {skipped:,} bad record(s){elsewhere}, e.g. " + "; ".join(self.bad_record_examples[:3]))
+            examples = f", e.g. {'; '.join(self.bad_record_examples[:3])}" if self.bad_record_examples else ""
+            lines.append(f"skipped {skipped:,} bad record(s){elsewhere}{examples}")
         if self.empty_trained:
             lines.append(f"warning: {self.empty_trained:,} empty or whitespace-only trained field(s), which teach the "
                          "model to say nothing, e.g. " + "; ".join(self.empty_trained_examples[:3])
