@@ -197,17 +197,17 @@ class Checkpointer:
         """The state at `step` in `abstract_state`'s shardings. The anomaly guard's window is
         read at its saved length and resized (`resized_window`): `anomaly.window` may change
         between starts."""
-        wanted = abstract_state.loss_window
-        saved_length = self._saved_window_length(step)
+        wanted = getattr(abstract_state, "loss_window", None)  # any tree can be saved; a TrainState has it
         target = abstract_state
-        if saved_length not in (None, wanted.shape[0]):
+        saved_length = None if wanted is None else self._saved_window_length(step)
+        if saved_length is not None and saved_length != wanted.shape[0]:
             target = abstract_state.replace(
                 loss_window=jax.ShapeDtypeStruct((saved_length,), wanted.dtype, sharding=wanted.sharding))
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), loop=ocp.args.JsonRestore()),
         )
         state = restored.state
-        if state.loss_window.shape != wanted.shape:
+        if wanted is not None and state.loss_window.shape != wanted.shape:
             resize = jax.jit(resized_window, static_argnums=1, out_shardings=wanted.sharding)
             state = state.replace(loss_window=resize(state.loss_window, wanted.shape[0]))
         return state, LoopState.from_json(restored.loop)
