@@ -63,12 +63,18 @@ _stopping = threading.Event()  # this process is reporting its own stop: the wat
 def _client():
     """The coordination service's client (JAX has no public API for its key-value store);
     None where this JAX keeps it elsewhere, and then processes wait as JAX makes them."""
-    try:
-        from jax._src import distributed as jax_distributed
+    jax_distributed = sys.modules.get("jax._src.distributed")  # never imported here: a signal handler calls this
+    return getattr(getattr(jax_distributed, "global_state", None), "client", None)
 
-        return jax_distributed.global_state.client
-    except (ImportError, AttributeError):
-        return None
+
+def _process_index() -> int:
+    """From jax.distributed's own record (when `_client` found one): `jax.process_index()` may
+    start a backend, which a signal handler must not do."""
+    return sys.modules["jax._src.distributed"].global_state.process_id
+
+
+def _process_count() -> int:
+    return sys.modules["jax._src.distributed"].global_state.num_processes
 
 
 def _watch_for_stopped_processes() -> None:
@@ -105,14 +111,14 @@ def _watch_for_stopped_processes() -> None:
     atexit.register(stop_watching)
 
 
-def _announce_stop(code: int, message: str) -> None:
+def announce_stop(code: int, message: str) -> None:
     """Tells the other processes this one stops; process 0, which hosts the coordination
     service, then gives them a moment to read it before the service goes with it."""
     _stopping.set()
     client = _client()
-    if client is None or jax.process_count() == 1:
+    if client is None:  # one process, or jax.distributed not started (yet)
         return
-    me = jax.process_index()
+    me = _process_index()
     try:
         client.key_value_set(f"{_STOPPED}{me}", f"{code}\n{message}")
         client.key_value_set(f"{_LEAVING}{me}", "stopping")
@@ -125,9 +131,9 @@ def _let_the_others_read(client) -> None:
     """On process 0, which hosts the coordination service: waits (up to a few seconds) until
     every other process has read a stop or is stopping itself. Exiting at once took the
     service away from processes that had not polled yet, which then aborted."""
-    if jax.process_index() != 0:
+    if _process_index() != 0:
         return
-    others = set(range(1, jax.process_count()))
+    others = set(range(1, _process_count()))
     deadline = time.monotonic() + _COORDINATOR_WAIT_SECONDS
     while time.monotonic() < deadline:
         try:
@@ -163,7 +169,7 @@ def exit_promptly_on_failure():
             message = f"it failed ({type(e).__name__}); its log has the traceback"
         sys.stdout.flush()
         sys.stderr.flush()
-        _announce_stop(code, message)
+        announce_stop(code, message)
         os._exit(code)
 
 

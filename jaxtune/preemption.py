@@ -30,6 +30,7 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         if self.signal is not None:
             print(f"\nsecond signal {signal.Signals(signum).name}: exiting now", file=sys.stderr, flush=True)
+            _tell_the_other_processes(signum, " twice")
             os._exit(128 + signum)
         self.signal = signum
         print(f"\n{signal.Signals(signum).name} received: saving a checkpoint at the end of this step, "
@@ -60,4 +61,17 @@ def exit_at_once_on_signals() -> None:
 
 def _exit_now(signum: int, when: str = "") -> None:
     print(f"\n{signal.Signals(signum).name} received{when}: exiting", file=sys.stderr, flush=True)
+    _tell_the_other_processes(signum, when)
     os._exit(128 + signum)
+
+
+def _tell_the_other_processes(signum: int, when: str) -> None:
+    """In a job of several processes, the others would wait in a collective for this one
+    (see `distributed.announce_stop`). Only if JAX is already in use: this module must not
+    import it (a launcher installs these handlers before its imports)."""
+    announce = getattr(sys.modules.get("jaxtune.distributed"), "announce_stop", None)  # None mid-import
+    if announce is not None:
+        try:
+            announce(128 + signum, f"it received {signal.Signals(signum).name}{when}")
+        except Exception:  # noqa: BLE001 - nothing may keep this process from exiting
+            pass

@@ -320,3 +320,37 @@ def test_a_user_error_on_one_process_stops_the_others_at_once_with_its_message(t
         assert results[other][0] == 2, results[other][1][-3000:]
         assert results[other][1].strip().splitlines()[-1] == f"error: process {failing} of {count} stopped: {message}"
     assert took < 60, took
+
+
+@pytest.mark.parametrize("how", ["before training", "twice in training"])
+def test_a_signal_that_ends_one_process_at_once_stops_the_others_with_it(tmp_path, how):
+    """SIGTERM before training (nothing to save) or a second one during it ends that process at
+    once; the others waited in their collective for it (~40 s, then a misleading traceback; when
+    process 0 was signalled, SIGABRT)."""
+    script = tmp_path / "signalled.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {ROOT!r})
+        from jaxtune import distributed
+        from jaxtune.preemption import ExitOnSignal, StopRequest
+        distributed.init()
+        import jax
+        if jax.process_index() == 1:
+            if {how!r} == "before training":
+                with ExitOnSignal():
+                    os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                with StopRequest():
+                    os.kill(os.getpid(), signal.SIGTERM)  # the graceful stop, asked for
+                    os.kill(os.getpid(), signal.SIGTERM)  # and again: at once
+        distributed.gather(1)  # where process 0 waits for it
+        print("not stopped")
+    """))
+    started = time.monotonic()
+    results = _two_processes([sys.executable, str(script)], timeout=60)
+    took = time.monotonic() - started
+    when = " before training started" if how == "before training" else " twice"
+    assert results[1][0] == 128 + signal.SIGTERM, results[1][1][-2000:]
+    assert results[0][0] == 128 + signal.SIGTERM, results[0][1][-2000:]
+    assert results[0][1].strip().splitlines()[-1] == f"error: process 1 of 2 stopped: it received SIGTERM{when}"
+    assert took < 20, took
