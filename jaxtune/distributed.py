@@ -77,19 +77,23 @@ def _process_count() -> int:
     return sys.modules["jax._src.distributed"].global_state.num_processes
 
 
+def _entries(client, directory: str) -> dict[int, str]:
+    """{process index: value} of the keys under `directory` (`_STOPPED`, `_LEAVING`)."""
+    return {int(key.rsplit("/", 1)[1]): value for key, value in client.key_value_dir_get(directory)}
+
+
 def _watch_for_stopped_processes() -> None:
     client = _client()
-    if client is None or jax.process_count() == 1:
+    if client is None or _process_count() == 1:
         return
-    me, count = jax.process_index(), jax.process_count()
+    me, count = _process_index(), _process_count()
 
     def watch():
         while not _stopping.wait(_POLL_SECONDS):
             try:
-                stopped = sorted((int(key.rsplit("/", 1)[1]), value) for key, value in client.key_value_dir_get(_STOPPED))
+                stopped = sorted((k, value) for k, value in _entries(client, _STOPPED).items() if k != me)
             except Exception:  # noqa: BLE001 - the service is gone: JAX's own handling follows
                 return
-            stopped = [(k, value) for k, value in stopped if k != me]
             if stopped and not _stopping.is_set():
                 k, value = stopped[0]
                 code, _, message = value.partition("\n")
@@ -137,7 +141,7 @@ def _let_the_others_read(client) -> None:
     deadline = time.monotonic() + _COORDINATOR_WAIT_SECONDS
     while time.monotonic() < deadline:
         try:
-            if others <= {int(key.rsplit("/", 1)[1]) for key, _ in client.key_value_dir_get(_LEAVING)}:
+            if others <= _entries(client, _LEAVING).keys():
                 return
         except Exception:  # noqa: BLE001 - best effort: the exit follows either way
             return

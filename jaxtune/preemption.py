@@ -3,6 +3,7 @@ signal exits at once. Outside training (start-up, the end) they exit at once."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -71,7 +72,5 @@ def _tell_the_other_processes(signum: int, when: str) -> None:
     import it (a launcher installs these handlers before its imports)."""
     announce = getattr(sys.modules.get("jaxtune.distributed"), "announce_stop", None)  # None mid-import
     if announce is not None:
-        try:
+        with contextlib.suppress(Exception):  # nothing may keep this process from exiting
             announce(128 + signum, f"it received {signal.Signals(signum).name}{when}")
-        except Exception:  # noqa: BLE001 - nothing may keep this process from exiting
-            pass

@@ -365,7 +365,8 @@ def main():
     import jax
 
     print(f"jax {jax.__version__}; shape vocab={a.vocab} hidden={a.hidden} "
-          f"layers={'2 and 16' if a.compile else a.layers} heads={a.heads}/{a.kv_heads} ffn={a.intermediate}; batch {a.batch}x{a.seq}; "
+          f"layers={'2 and 16' if a.compile else a.layers} heads={a.heads}/{a.kv_heads} ffn={a.intermediate}; "
+          f"batch {a.batch}x{a.seq}; "
           f"remat={a.remat} loss_chunk_len={a.loss_chunk_len} trained={a.trained_fraction:.0%}; "
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}",
           flush=True)

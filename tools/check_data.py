@@ -52,21 +52,20 @@ def parse(argv):
     return p.parse_args(argv)
 
 
+# The data settings this tool's flags set (DataSettings field -> flag); messages name the
+# flags in place of the settings when there is no recipe (`in_flag_words`).
+FLAGS = {"train_files": "--data", "eval_files": "--eval", "tokenizer_path": "--tokenizer",
+         "max_seq_len": "--max-seq-len", "format": "--format", "truncation": "--truncation",
+         "train_on_prompt": "--train-on-prompt", "eval_fraction": "--eval-fraction"}
+
+
 def settings_from(args, config):
     from jaxtune.data import DataSettings
 
     base = DataSettings.from_config(config)
-    changes = {
-        "train_files": tuple(args.data) if args.data else None,
-        "eval_files": tuple(args.eval) if args.eval else None,
-        "tokenizer_path": args.tokenizer,
-        "max_seq_len": args.max_seq_len,
-        "format": args.format,
-        "truncation": args.truncation,
-        "train_on_prompt": args.train_on_prompt,
-        "eval_fraction": args.eval_fraction,
-    }
-    settings = dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
+    given = {field: getattr(args, flag[2:].replace("-", "_")) for field, flag in FLAGS.items()}
+    changes = {field: tuple(v) if isinstance(v, list) else v for field, v in given.items() if v is not None}
+    settings = dataclasses.replace(base, **changes)
     if not settings.train_files:
         raise UserError("no training data: give --data FILE... or a --config whose data.train_files is set.")
     if not settings.tokenizer_path:
@@ -89,15 +88,9 @@ def model_vocab_size(model_dir: str) -> int | None:
     return vocab if isinstance(vocab, int) else None
 
 
-# The settings' names in messages, as this tool's flags (without a recipe, the flags set them).
-FLAGS = {"data.train_files": "--data", "data.eval_files": "--eval", "data.tokenizer_path": "--tokenizer",
-         "data.max_seq_len": "--max-seq-len", "data.format": "--format", "data.truncation": "--truncation",
-         "data.train_on_prompt": "--train-on-prompt", "data.eval_fraction": "--eval-fraction"}
-
-
 def in_flag_words(text: str) -> str:
-    for key, flag in FLAGS.items():
-        text = re.sub(rf"(?<![\w.]){re.escape(key)}\b", flag, text)
+    for field, flag in FLAGS.items():
+        text = re.sub(rf"(?<![\w.])data\.{field}\b", flag, text)
     return text
 
 
